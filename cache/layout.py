@@ -1,0 +1,83 @@
+"""Where things live under the cache root.
+
+The whole on-disk layout, in one place::
+
+    <root>/
+      blobs/<algorithm>/<hex[:2]>/<hex>        committed blob, verified against <hex>
+      manifests/<algorithm>/<hex[:2]>/<hex>    committed manifest: one line holding its
+                                               media type, then the manifest's bytes
+      tmp/<algorithm>-<hex>.partial            a blob being downloaded; its writer holds
+                                               an exclusive flock on it for as long as
+                                               it runs, readers follow it as it grows
+      tmp/<algorithm>-<hex>.size               the expected size of that download,
+                                               written once the upstream has answered
+      tmp/<random>.tmp                         a manifest or index file being written
+      index/                                   diskcache: (repository, tag, accept) ->
+                                               (digest, media type, time fetched)
+
+A file under ``blobs/`` or ``manifests/`` only ever appears by ``rename`` after its
+bytes were verified and fsynced, so a reader never sees a half-written one. Names
+are built from validated digests only (``Digest.parse``): no request can name a
+path outside the root.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cache.digests import Digest
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / "tmp"
+
+    @property
+    def index(self) -> Path:
+        return self.root / "index"
+
+    def blob(self, digest: Digest) -> Path:
+        return self.root / "blobs" / digest.algorithm / digest.hex[:2] / digest.hex
+
+    def manifest(self, digest: Digest) -> Path:
+        return self.root / "manifests" / digest.algorithm / digest.hex[:2] / digest.hex
+
+    def partial(self, digest: Digest) -> Path:
+        return self.tmp / f"{digest.algorithm}-{digest.hex}.partial"
+
+    def size_file(self, digest: Digest) -> Path:
+        return self.tmp / f"{digest.algorithm}-{digest.hex}.size"
+
+    def create(self) -> None:
+        for sub in ("blobs", "manifests", "tmp", "index"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(target: Path, tmp_dir: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` so that readers see all of it or nothing."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_dir / f"{os.urandom(8).hex()}.tmp"
+    try:
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(target.parent)

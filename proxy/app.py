@@ -1,0 +1,53 @@
+"""The application factory: every resource with a lifetime lives in cleanup_ctx."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from cache.blobs import BlobStore
+from cache.index import TagIndex
+from cache.layout import Layout
+from cache.manifests import ManifestStore
+from metrics import Metrics
+from proxy.config import Settings
+from proxy.errors import oci_errors
+from proxy.keys import METRICS, MIRROR, SETTINGS
+from proxy.mirror import Mirror
+from proxy.routes import add_routes, count_served_bytes
+from proxy.upstream import UpstreamClient, new_session
+
+log = logging.getLogger(__name__)
+
+
+async def _mirror(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    metrics = app[METRICS]
+    layout = Layout(settings.cache_dir.resolve())
+    layout.create()
+    blobs = BlobStore(layout, read_timeout=settings.read_timeout)
+    removed = blobs.remove_stale()
+    if removed:
+        log.info("removed %d temp files left by an earlier run", removed)
+    tags = TagIndex(layout.index)
+    session = new_session(settings)
+    upstream = UpstreamClient(settings, session, on_token=metrics.tokens_fetched.inc)
+    app[MIRROR] = Mirror(upstream, blobs, ManifestStore(layout), tags, metrics)
+    try:
+        yield
+    finally:
+        await blobs.close()
+        await session.close()
+        tags.close()
+
+
+def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
+    app = web.Application(middlewares=[oci_errors], client_max_size=64 * 1024)
+    app[SETTINGS] = settings
+    app[METRICS] = metrics or Metrics()
+    app.cleanup_ctx.append(_mirror)
+    app.on_response_prepare.append(count_served_bytes)
+    add_routes(app)
+    return app

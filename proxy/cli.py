@@ -1,0 +1,154 @@
+"""``pullthrough``: the command line. It parses, then hands over to the app."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from aiohttp import web
+
+from cache.blobs import BlobStore
+from cache.layout import Layout
+from proxy.app import create_app
+from proxy.config import ConfigError, Settings, load_settings
+
+log = logging.getLogger("pullthrough")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pullthrough", description="Container registry mirror and pull-through cache."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the mirror")
+    serve.add_argument("--config", type=Path, help="TOML file with settings")
+    serve.add_argument("--host", help="address to listen on (default 0.0.0.0)")
+    serve.add_argument("--port", type=int, help="port to listen on (default 5000)")
+    serve.add_argument("--cache-dir", help="cache folder (default ./pullthrough-cache)")
+    serve.add_argument(
+        "--upstream", help="registry to mirror (default https://registry-1.docker.io)"
+    )
+    serve.add_argument(
+        "--upstream-username",
+        help="user for the upstream; the password comes from PULLTHROUGH_UPSTREAM_PASSWORD "
+        "or the config file, never the command line",
+    )
+    serve.add_argument("--workers", type=int, help="worker processes (default 1)")
+    serve.add_argument("--connect-timeout", type=float, help="seconds (default 10)")
+    serve.add_argument("--read-timeout", type=float, help="seconds (default 60)")
+    serve.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Settings:
+    config = args.config or (
+        Path(environ["PULLTHROUGH_CONFIG"]) if "PULLTHROUGH_CONFIG" in environ else None
+    )
+    overrides = {
+        name: getattr(args, name)
+        for name in (
+            "host",
+            "port",
+            "cache_dir",
+            "upstream",
+            "upstream_username",
+            "workers",
+            "connect_timeout",
+            "read_timeout",
+            "log_level",
+        )
+    }
+    return load_settings(config_file=config, environ=environ, overrides=overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = settings_from_args(args, dict(os.environ))
+    except ConfigError as exc:
+        print(f"pullthrough: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    return serve(settings)
+
+
+def serve(settings: Settings) -> int:
+    layout = Layout(settings.cache_dir.resolve())
+    layout.create()
+    # Before any worker runs: nothing can be writing yet, so every temp file
+    # here is a crash's leftover.
+    removed = BlobStore(layout).remove_stale()
+    log.info(
+        "pullthrough mirroring %s on http://%s:%d, cache %s, %d worker(s)%s",
+        settings.upstream,
+        settings.host,
+        settings.port,
+        layout.root,
+        settings.workers,
+        f", removed {removed} stale temp files" if removed else "",
+    )
+    if settings.workers == 1:
+        _run_worker(settings)
+        return 0
+    context = multiprocessing.get_context("spawn")
+    workers = [
+        context.Process(target=_run_worker, args=(settings,), name=f"worker-{i}")
+        for i in range(settings.workers)
+    ]
+    for worker in workers:
+        worker.start()
+
+    def stop(signum: int, _frame: object) -> None:
+        for worker in workers:
+            if worker.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for worker in workers:
+        worker.join()
+    return 0
+
+
+def _run_worker(settings: Settings) -> None:
+    if multiprocessing.parent_process() is not None:
+        logging.basicConfig(
+            level=settings.log_level.upper(),
+            format=f"%(asctime)s %(levelname)s [{os.getpid()}] %(name)s %(message)s",
+        )
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
+    with contextlib.suppress(ImportError):
+        import uvloop  # optional: a faster event loop
+
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(_serve_forever(settings))
+
+
+async def _serve_forever(settings: Settings) -> None:
+    runner = web.AppRunner(create_app(settings), access_log=logging.getLogger("pullthrough.access"))
+    await runner.setup()
+    site = web.TCPSite(
+        runner, settings.host, settings.port, reuse_port=settings.workers > 1, backlog=1024
+    )
+    await site.start()
+    stopped = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopped.set)
+    try:
+        await stopped.wait()
+    finally:
+        await runner.cleanup()

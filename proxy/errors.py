@@ -1,0 +1,136 @@
+"""Registry errors, and the one middleware that turns them into OCI error bodies.
+
+Stores and the upstream client raise these (or cache errors) with data attached;
+only the middleware knows about HTTP responses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from cache.errors import (
+    CacheError,
+    DigestMismatch,
+    DownloadFailed,
+    InvalidDigest,
+    SizeMismatch,
+    UnsupportedDigest,
+)
+
+log = logging.getLogger(__name__)
+
+
+class RegistryError(Exception):
+    """An error with a distribution-spec error code."""
+
+    code = "UNKNOWN"
+    status = 500
+    message = "unknown error"
+
+    def __init__(self, detail: object = None, *, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(f"{self.code}: {self.message} ({detail})")
+        self.detail = detail
+        self.headers = dict(headers or {})
+
+    def body(self) -> bytes:
+        error: dict[str, object] = {"code": self.code, "message": self.message}
+        if self.detail is not None:
+            error["detail"] = self.detail
+        return json.dumps({"errors": [error]}).encode()
+
+
+class BlobUnknown(RegistryError):
+    code, status, message = "BLOB_UNKNOWN", 404, "blob unknown to registry"
+
+
+class ManifestUnknown(RegistryError):
+    code, status, message = "MANIFEST_UNKNOWN", 404, "manifest unknown"
+
+
+class NameUnknown(RegistryError):
+    code, status, message = "NAME_UNKNOWN", 404, "repository name not known to registry"
+
+
+class NameInvalid(RegistryError):
+    code, status, message = "NAME_INVALID", 400, "invalid repository name"
+
+
+class TagInvalid(RegistryError):
+    code, status, message = "TAG_INVALID", 400, "invalid tag"
+
+
+class DigestInvalid(RegistryError):
+    code, status, message = "DIGEST_INVALID", 400, "provided digest did not match content"
+
+
+class Unauthorized(RegistryError):
+    code, status, message = "UNAUTHORIZED", 401, "authentication required"
+
+
+class Denied(RegistryError):
+    code, status, message = "DENIED", 403, "requested access to the resource is denied"
+
+
+class Unsupported(RegistryError):
+    code, status, message = "UNSUPPORTED", 405, "this mirror is read-only: pull only"
+
+
+class NotFound(RegistryError):
+    code, status, message = "NOT_FOUND", 404, "no such endpoint"
+
+
+class RangeInvalid(RegistryError):
+    code, status, message = "RANGE_INVALID", 416, "requested range not satisfiable"
+
+
+class TooManyRequests(RegistryError):
+    code, status, message = "TOOMANYREQUESTS", 429, "too many requests"
+
+
+class ManifestTooLarge(RegistryError):
+    code, status, message = "MANIFEST_INVALID", 502, "upstream manifest exceeds the size limit"
+
+
+class UpstreamUnavailable(RegistryError):
+    code, status, message = "UNAVAILABLE", 503, "upstream registry unavailable"
+
+
+class UpstreamInvalid(RegistryError):
+    code, status, message = "UNAVAILABLE", 502, "upstream registry sent invalid content"
+
+
+def from_cache_error(exc: CacheError) -> RegistryError:
+    if isinstance(exc, UnsupportedDigest | InvalidDigest):
+        return DigestInvalid(str(exc))
+    if isinstance(exc, DigestMismatch | SizeMismatch | DownloadFailed):
+        return UpstreamInvalid(str(exc))
+    return RegistryError(str(exc))
+
+
+def error_response(err: RegistryError, method: str) -> web.Response:
+    headers = {"Docker-Distribution-API-Version": "registry/2.0", **err.headers}
+    if method == "HEAD":
+        # A HEAD answer carries no body, but says what it would have been.
+        return web.Response(status=err.status, headers=headers, content_type="application/json")
+    return web.Response(
+        status=err.status, body=err.body(), headers=headers, content_type="application/json"
+    )
+
+
+@web.middleware
+async def oci_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except RegistryError as err:
+        return error_response(err, request.method)
+    except CacheError as exc:
+        return error_response(from_cache_error(exc), request.method)
+    except web.HTTPMethodNotAllowed:
+        return error_response(Unsupported(f"{request.method} {request.path}"), request.method)
+    except web.HTTPNotFound:
+        return error_response(NotFound(request.path), request.method)

@@ -1,0 +1,13 @@
+"""Typed keys for what lives on the application (no module globals)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from metrics import Metrics
+from proxy.config import Settings
+from proxy.mirror import Mirror
+
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
+MIRROR = web.AppKey("mirror", Mirror)

@@ -1,0 +1,284 @@
+"""The mirror: manifests and blobs from the cache, or from the upstream into the cache.
+
+Like distribution's ``registry/proxy`` stores, this wraps the same operations local
+storage offers, so the route handlers never know where content came from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from cache.blobs import BlobSink, BlobStore, Tracker
+from cache.digests import Digest
+from cache.errors import DigestMismatch
+from cache.index import TagEntry, TagIndex
+from cache.inflight import SingleFlight
+from cache.manifests import ManifestStore, StoredManifest
+from metrics import Metrics
+from proxy.errors import ManifestTooLarge, UpstreamInvalid
+from proxy.names import Reference
+from proxy.upstream import UpstreamClient, raise_for_status
+
+log = logging.getLogger(__name__)
+
+# distribution refuses manifests over 4 MiB; so do we, to bound memory.
+MAX_MANIFEST_BYTES = 4 << 20
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_V1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+DOCKER_V1 = "application/vnd.docker.distribution.manifest.v1+json"
+
+
+def manifest_media_type(content_type: str | None, data: bytes) -> str:
+    """The manifest's own media type: the upstream's header, else what the JSON says."""
+    declared = (content_type or "").split(";")[0].strip()
+    if declared and declared not in ("application/json", "text/plain", "application/octet-stream"):
+        return declared
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return declared or "application/octet-stream"
+    if isinstance(doc, dict):
+        media_type = doc.get("mediaType")
+        if isinstance(media_type, str) and media_type:
+            return media_type
+        if doc.get("schemaVersion") == 1:
+            return DOCKER_V1_SIGNED if "signatures" in doc else DOCKER_V1
+        if "manifests" in doc:
+            return OCI_INDEX
+        if "config" in doc:
+            return OCI_MANIFEST
+    return declared or "application/json"
+
+
+def accept_key(accept: Sequence[str]) -> str:
+    """The set of media types a client accepts, normalised, for keying tag lookups."""
+    types = {
+        part.split(";")[0].strip().lower()
+        for value in accept
+        for part in value.split(",")
+        if part.strip()
+    }
+    return ",".join(sorted(types))
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestAnswer:
+    digest: str
+    media_type: str
+    size: int
+    data: bytes | None  # None when a HEAD was answered from the upstream's headers
+    source: str  # "cache" or "upstream"
+
+
+@dataclass(frozen=True, slots=True)
+class BlobHead:
+    size: int | None
+    source: str
+
+
+class Mirror:
+    def __init__(
+        self,
+        upstream: UpstreamClient,
+        blobs: BlobStore,
+        manifests: ManifestStore,
+        tags: TagIndex,
+        metrics: Metrics,
+    ) -> None:
+        self.upstream = upstream
+        self.blobs = blobs
+        self.manifests = manifests
+        self.tags = tags
+        self.metrics = metrics
+        self._upstream_key = str(upstream.base)
+        self._manifest_flights: SingleFlight[tuple[str, str, str], StoredManifest] = SingleFlight()
+        self._head_flights: SingleFlight[tuple[str, str, str], _UpstreamHead] = SingleFlight()
+
+    # -- manifests --------------------------------------------------------------
+
+    async def manifest(
+        self, repository: str, reference: Reference, accept: Sequence[str], *, head: bool
+    ) -> ManifestAnswer:
+        if reference.digest is not None:
+            return await self._by_digest(repository, reference.digest, accept, head=head)
+        assert reference.tag is not None
+        return await self._by_tag(repository, reference.tag, accept, head=head)
+
+    async def _by_digest(
+        self, repository: str, digest: Digest, accept: Sequence[str], *, head: bool
+    ) -> ManifestAnswer:
+        stored = await self.manifests.get(digest)
+        if stored is not None:
+            return _answer(stored, "cache")
+        if head:
+            # A HEAD must not cost a (rate-limited) GET upstream: ask with a HEAD.
+            upstream_head = await self._upstream_head(repository, str(digest), accept)
+            if upstream_head.digest != str(digest):
+                raise UpstreamInvalid(f"upstream says {upstream_head.digest} for {digest}")
+            return upstream_head.answer()
+        stored = await self._fetch(repository, str(digest), accept, expected=digest)
+        return _answer(stored, "upstream")
+
+    async def _by_tag(
+        self, repository: str, tag: str, accept: Sequence[str], *, head: bool
+    ) -> ManifestAnswer:
+        # Resolve the tag with a HEAD (free on Docker Hub's rate limit), then get
+        # the content by digest, from the cache when we have it.
+        upstream_head = await self._upstream_head(repository, tag, accept)
+        if upstream_head.digest is None:
+            # An upstream that does not say the digest: only a GET can tell.
+            fetched = await self._fetch(repository, tag, accept, expected=None)
+            await self._remember(repository, tag, accept, fetched)
+            return _answer(fetched, "upstream")
+        digest = Digest.parse(upstream_head.digest)
+        cached = await self.manifests.get(digest)
+        if cached is not None:
+            await self._remember(repository, tag, accept, cached)
+            return _answer(cached, "cache")
+        if head:
+            return upstream_head.answer()
+        stored = await self._fetch(repository, str(digest), accept, expected=digest)
+        await self._remember(repository, tag, accept, stored)
+        return _answer(stored, "upstream")
+
+    async def _remember(
+        self, repository: str, tag: str, accept: Sequence[str], stored: StoredManifest
+    ) -> None:
+        entry = TagEntry(str(stored.digest), stored.media_type, time.time())
+        await self.tags.put(self._upstream_key, repository, tag, accept_key(accept), entry)
+
+    async def _upstream_head(
+        self, repository: str, reference: str, accept: Sequence[str]
+    ) -> _UpstreamHead:
+        async def call() -> _UpstreamHead:
+            resp = await self.upstream.request("HEAD", repository, "manifests", reference, accept)
+            self._count_upstream(resp)
+            try:
+                await raise_for_status(resp, "manifests", reference)
+                digest = resp.headers.get("Docker-Content-Digest")
+                if digest is not None:
+                    Digest.parse(digest)  # an upstream is input too
+                return _UpstreamHead(
+                    digest=digest,
+                    media_type=manifest_media_type(resp.headers.get("Content-Type"), b""),
+                    size=resp.content_length,
+                )
+            finally:
+                resp.release()
+
+        key = (repository, reference, accept_key(accept))
+        result, shared = await self._head_flights.run(key, call)
+        if shared:
+            self.metrics.coalesced.labels("manifest").inc()
+        return result
+
+    async def _fetch(
+        self, repository: str, reference: str, accept: Sequence[str], *, expected: Digest | None
+    ) -> StoredManifest:
+        async def call() -> StoredManifest:
+            resp = await self.upstream.request("GET", repository, "manifests", reference, accept)
+            self._count_upstream(resp)
+            try:
+                await raise_for_status(resp, "manifests", reference)
+                data = await _read_limited(resp, MAX_MANIFEST_BYTES)
+                announced = resp.headers.get("Docker-Content-Digest")
+                content_type = resp.headers.get("Content-Type")
+            finally:
+                resp.release()
+            digest = expected
+            if digest is None:
+                algorithm = announced.partition(":")[0] if announced else "sha256"
+                digest = Digest.of(data, algorithm if algorithm == "sha512" else "sha256")
+            stored = StoredManifest(digest, manifest_media_type(content_type, data), data)
+            if announced is not None and announced != str(digest):
+                raise UpstreamInvalid(f"upstream said {announced}, content is {digest}")
+            try:
+                await self.manifests.put(stored)
+            except DigestMismatch as exc:
+                raise UpstreamInvalid(str(exc)) from exc
+            return stored
+
+        key = (repository, reference, accept_key(accept))
+        result, shared = await self._manifest_flights.run(key, call)
+        if shared:
+            self.metrics.coalesced.labels("manifest").inc()
+        return result
+
+    # -- blobs ------------------------------------------------------------------
+
+    def blob_hit(self, digest: Digest) -> tuple[Path, int] | None:
+        return self.blobs.stat(digest)
+
+    def blob_download(self, repository: str, digest: Digest) -> Tracker | None:
+        """Follow the upstream download of ``digest``, starting one if none runs."""
+
+        async def fetch(sink: BlobSink) -> None:
+            self.metrics.downloads_in_flight.inc()
+            try:
+                resp = await self.upstream.request("GET", repository, "blobs", str(digest))
+                self._count_upstream(resp)
+                try:
+                    await raise_for_status(resp, "blobs", str(digest))
+                    await sink.begin(resp.content_length)
+                    async for chunk in resp.content.iter_any():
+                        await sink.write(chunk)
+                finally:
+                    resp.release()
+            finally:
+                self.metrics.downloads_in_flight.dec()
+
+        return self.blobs.track(digest, fetch)
+
+    async def blob_head(self, repository: str, digest: Digest) -> BlobHead:
+        hit = self.blobs.stat(digest)
+        if hit is not None:
+            return BlobHead(hit[1], "cache")
+        resp = await self.upstream.request("HEAD", repository, "blobs", str(digest))
+        self._count_upstream(resp)
+        try:
+            await raise_for_status(resp, "blobs", str(digest))
+            return BlobHead(resp.content_length, "upstream")
+        finally:
+            resp.release()
+
+    def _count_upstream(self, resp: aiohttp.ClientResponse) -> None:
+        self.metrics.upstream_requests.labels(resp.method, f"{resp.status // 100}xx").inc()
+
+
+@dataclass(frozen=True, slots=True)
+class _UpstreamHead:
+    digest: str | None
+    media_type: str
+    size: int | None
+
+    def answer(self) -> ManifestAnswer:
+        assert self.digest is not None
+        return ManifestAnswer(self.digest, self.media_type, self.size or 0, None, "upstream")
+
+
+def _answer(stored: StoredManifest, source: str) -> ManifestAnswer:
+    return ManifestAnswer(
+        str(stored.digest), stored.media_type, len(stored.data), stored.data, source
+    )
+
+
+async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    if resp.content_length is not None and resp.content_length > limit:
+        raise ManifestTooLarge(f"{resp.content_length} bytes")
+    data = bytearray()
+    async for chunk in resp.content.iter_any():
+        data += chunk
+        if len(data) > limit:
+            raise ManifestTooLarge(f"more than {limit} bytes")
+    return bytes(data)

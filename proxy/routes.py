@@ -1,0 +1,180 @@
+"""The registry API, pull side (OCI distribution-spec "Pull"), and the service endpoints."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from aiohttp import web
+
+from cache.blobs import Tracker
+from cache.digests import Digest
+from cache.errors import DownloadFailed
+from proxy import names
+from proxy.errors import RangeInvalid, Unsupported
+from proxy.keys import METRICS, MIRROR, SETTINGS
+from proxy.mirror import ManifestAnswer
+from proxy.names import Reference
+
+log = logging.getLogger(__name__)
+
+API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
+_ROUTE = re.compile(r"^(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<ref>[^/]+)$")
+_UPLOADS = re.compile(r"^.+/blobs/uploads(/.*)?$")
+# Where a request's bytes came from, for the served-bytes counter.
+SOURCE = web.RequestKey("source", str)
+# How often a reader may start over when the download it followed in another
+# process was abandoned before sending it anything.
+FOLLOW_ATTEMPTS = 3
+
+
+async def ping(request: web.Request) -> web.Response:
+    return web.json_response({}, headers=API_VERSION)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[METRICS].exposition()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
+
+
+async def registry(request: web.Request) -> web.StreamResponse:
+    """Dispatch ``/v2/<name>/(manifests|blobs)/<reference>``; names may hold slashes."""
+    path = request.match_info["path"]
+    if request.method not in ("GET", "HEAD") or _UPLOADS.match(path):
+        raise Unsupported(f"{request.method} /v2/{path}")
+    match = _ROUTE.match(path)
+    if match is None:
+        raise web.HTTPNotFound()
+    settings = request.app[SETTINGS]
+    repository = names.repository(match["name"], docker_hub_rules=settings.library_prefix)
+    kind = "manifest" if match["kind"] == "manifests" else "blob"
+    counter = request.app[METRICS].requests
+    response: web.StreamResponse
+    try:
+        if kind == "manifest":
+            response = await manifest(request, repository, Reference.parse(match["ref"]))
+        else:
+            response = await blob(request, repository, Digest.parse(match["ref"]))
+    except Exception:
+        counter.labels(kind, "error").inc()
+        raise
+    counter.labels(kind, "hit" if request.get(SOURCE) == "cache" else "miss").inc()
+    return response
+
+
+async def manifest(request: web.Request, repository: str, reference: Reference) -> web.Response:
+    head = request.method == "HEAD"
+    answer = await request.app[MIRROR].manifest(
+        repository, reference, request.headers.getall("Accept", []), head=head
+    )
+    request[SOURCE] = answer.source
+    headers = _manifest_headers(answer)
+    if request.if_none_match and any(e.value == answer.digest for e in request.if_none_match):
+        return web.Response(status=304, headers=headers)
+    if answer.data is None:
+        headers["Content-Length"] = str(answer.size)
+        return web.Response(headers=headers)
+    return web.Response(body=answer.data, headers=headers)
+
+
+def _manifest_headers(answer: ManifestAnswer) -> dict[str, str]:
+    return {
+        **API_VERSION,
+        "Content-Type": answer.media_type,
+        "Docker-Content-Digest": answer.digest,
+        "ETag": f'"{answer.digest}"',
+    }
+
+
+def _blob_headers(digest: Digest) -> dict[str, str]:
+    return {
+        **API_VERSION,
+        "Content-Type": "application/octet-stream",
+        "Docker-Content-Digest": str(digest),
+        "Accept-Ranges": "bytes",
+    }
+
+
+async def blob(request: web.Request, repository: str, digest: Digest) -> web.StreamResponse:
+    mirror = request.app[MIRROR]
+    if request.method == "HEAD":
+        head = await mirror.blob_head(repository, digest)
+        request[SOURCE] = head.source
+        headers = _blob_headers(digest)
+        if head.size is not None:
+            headers["Content-Length"] = str(head.size)
+        return web.Response(headers=headers)
+    for attempt in range(1, FOLLOW_ATTEMPTS + 1):
+        hit = mirror.blob_hit(digest)
+        if hit is not None:
+            request[SOURCE] = "cache"
+            # sendfile, Range and conditional requests come with FileResponse.
+            return web.FileResponse(hit[0], headers=_blob_headers(digest))
+        tracker = mirror.blob_download(repository, digest)
+        if tracker is None:
+            continue  # committed in the meantime
+        try:
+            size = await tracker.size()
+        except DownloadFailed:
+            if attempt == FOLLOW_ATTEMPTS:
+                raise
+            continue
+        request[SOURCE] = "upstream"
+        return await _stream(request, digest, tracker, size)
+    raise DownloadFailed(f"could not follow the download of {digest}")
+
+
+async def _stream(
+    request: web.Request, digest: Digest, tracker: Tracker, size: int | None
+) -> web.StreamResponse:
+    """Send a blob while it downloads; a failed download ends the response short."""
+    start, stop = 0, size
+    response = web.StreamResponse(headers=_blob_headers(digest))
+    if size is not None and request.headers.get("Range"):
+        start, stop = _byte_range(request, size)
+        response.set_status(206)
+        response.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
+    if stop is not None:
+        response.content_length = stop - start
+    await response.prepare(request)
+    try:
+        async for chunk in tracker.read(start, stop):
+            await response.write(chunk)
+    except Exception as exc:
+        # Headers are gone already: the only honest signal left is a short body.
+        log.warning("aborting response for %s: %s", digest, exc)
+        if request.transport is not None:
+            request.transport.abort()
+        raise ConnectionResetError(str(exc)) from exc
+    await response.write_eof()
+    return response
+
+
+def _byte_range(request: web.Request, size: int) -> tuple[int, int]:
+    try:
+        rng = request.http_range
+    except ValueError as exc:
+        raise RangeInvalid(str(exc), headers={"Content-Range": f"bytes */{size}"}) from None
+    start, stop = rng.start, rng.stop
+    if start is None:
+        return 0, size
+    if start < 0:
+        return max(size + start, 0), size
+    stop = size if stop is None else min(stop, size)
+    if start >= size or start >= stop:
+        raise RangeInvalid(f"bytes={start}-", headers={"Content-Range": f"bytes */{size}"})
+    return start, stop
+
+
+async def count_served_bytes(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: count what a GET sends, by where it came from."""
+    source = request.get(SOURCE)
+    if source and request.method == "GET" and response.status in (200, 206):
+        request.app[METRICS].served_bytes.labels(source).inc(response.content_length or 0)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v2/", ping)
+    app.router.add_get("/v2", ping)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_route("*", "/v2/{path:.+}", registry)

@@ -1,0 +1,152 @@
+"""The one client of the upstream registry: auth, redirects, timeouts, error mapping."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Callable, Iterable
+
+import aiohttp
+from multidict import CIMultiDict
+from yarl import URL
+
+from proxy.auth import Credentials, TokenAuth, parse_challenge
+from proxy.config import Settings
+from proxy.errors import (
+    BlobUnknown,
+    Denied,
+    ManifestUnknown,
+    NameUnknown,
+    RegistryError,
+    TooManyRequests,
+    Unauthorized,
+    UpstreamUnavailable,
+)
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = "pullthrough/0.1"
+MAX_REDIRECTS = 5
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+
+def same_origin(a: URL, b: URL) -> bool:
+    return (a.scheme, a.host, a.port) == (b.scheme, b.host, b.port)
+
+
+def new_session(settings: Settings) -> aiohttp.ClientSession:
+    timeout = aiohttp.ClientTimeout(
+        total=None, connect=settings.connect_timeout, sock_read=settings.read_timeout
+    )
+    return aiohttp.ClientSession(
+        timeout=timeout,
+        headers={"User-Agent": USER_AGENT},
+        # Blobs are hashed as they arrive: bytes must reach us exactly as stored.
+        auto_decompress=False,
+        read_bufsize=1 << 20,
+        connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=300),
+    )
+
+
+class UpstreamClient:
+    def __init__(
+        self,
+        settings: Settings,
+        session: aiohttp.ClientSession,
+        *,
+        on_token: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.base = settings.upstream
+        self._session = session
+        credentials = None
+        if settings.upstream_username is not None and settings.upstream_password is not None:
+            credentials = Credentials(settings.upstream_username, settings.upstream_password)
+        self.auth = TokenAuth(session, self.base, credentials, on_token=on_token)
+        self.requests_sent = 0
+
+    def url(self, repository: str, kind: str, reference: str) -> URL:
+        return self.base.with_path(f"/v2/{repository}/{kind}/{reference}")
+
+    async def request(
+        self, method: str, repository: str, kind: str, reference: str, accept: Iterable[str] = ()
+    ) -> aiohttp.ClientResponse:
+        """Send a request upstream, authenticated for a pull of ``repository``.
+
+        The caller owns (and must release) the response. Transport failures raise
+        UpstreamUnavailable.
+        """
+        scope = f"repository:{repository}:pull"
+        headers: CIMultiDict[str] = CIMultiDict()
+        for value in accept:
+            headers.add("Accept", value)
+        if "Accept" not in headers:
+            headers["Accept"] = "*/*"
+        headers["Accept-Encoding"] = "identity"
+        url = self.url(repository, kind, reference)
+        for attempt in (1, 2):
+            authorization = await self.auth.header(scope)
+            resp = await self._send(method, url, headers, authorization)
+            if resp.status == 401 and attempt == 1:
+                challenge = parse_challenge(resp.headers.getall("WWW-Authenticate", []))
+                if challenge is not None:
+                    resp.release()
+                    self.auth.learn(challenge)
+                    self.auth.forget(scope)
+                    continue
+            return resp
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _send(
+        self, method: str, url: URL, headers: CIMultiDict[str], authorization: str | None
+    ) -> aiohttp.ClientResponse:
+        for _ in range(MAX_REDIRECTS + 1):
+            sent = headers.copy()
+            # Never hand the upstream's credentials to another host (a blob
+            # redirect goes to a CDN with its own signed URL).
+            if authorization is not None and same_origin(url, self.base):
+                sent["Authorization"] = authorization
+            self.requests_sent += 1
+            try:
+                resp = await self._session.request(method, url, headers=sent, allow_redirects=False)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise UpstreamUnavailable(f"{method} {url.host}: {exc!r}") from exc
+            location = resp.headers.get("Location")
+            if resp.status not in REDIRECTS or location is None:
+                return resp
+            resp.release()
+            url = url.join(URL(location))
+            if resp.status == 303 and method != "HEAD":
+                method = "GET"
+        raise UpstreamUnavailable(f"more than {MAX_REDIRECTS} redirects from upstream")
+
+
+async def raise_for_status(resp: aiohttp.ClientResponse, kind: str, reference: str) -> None:
+    """Map an upstream error answer to the registry error a client should see."""
+    if resp.status < 300:
+        return
+    code = None
+    if resp.method != "HEAD":
+        with contextlib.suppress(Exception):
+            body = json.loads(await resp.content.read(64 * 1024))
+            code = body["errors"][0]["code"]
+    resp.release()
+    detail = f"upstream answered {resp.status}" + (f" {code}" if code else "")
+    error: RegistryError
+    if resp.status == 404:
+        if code == "NAME_UNKNOWN":
+            error = NameUnknown(detail)
+        elif kind == "blobs":
+            error = BlobUnknown(reference)
+        else:
+            error = ManifestUnknown(reference)
+    elif resp.status == 401:
+        error = Unauthorized(detail)
+    elif resp.status == 403:
+        error = Denied(detail)
+    elif resp.status == 429:
+        retry_after = resp.headers.get("Retry-After")
+        error = TooManyRequests(detail, headers={"Retry-After": retry_after} if retry_after else {})
+    else:
+        error = UpstreamUnavailable(detail)
+    raise error

@@ -1,0 +1,185 @@
+"""A registry that misbehaves on purpose, for faults a real one will not produce.
+
+It serves one repository's manifests and blobs from memory and can send wrong
+bytes, cut a body short, stall mid-body until released, answer 429 or 5xx, demand
+a bearer token and redirect blob downloads to a second origin (a "CDN") that
+records the headers it got.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+BLOB_TYPE = "application/octet-stream"
+MANIFEST_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    headers: dict[str, str]
+    accept: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FaultRegistry:
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    manifests: dict[str, tuple[str, bytes]] = field(default_factory=dict)  # ref -> (type, data)
+    # "ok", "corrupt" (same length, one byte flipped), "truncate" (half, then the
+    # connection drops), "status" (answer `status` with an OCI error body).
+    mode: str = "ok"
+    status: int = 429
+    extra_headers: dict[str, str] = field(default_factory=dict)
+    # When set, blob bodies stop after `stall_after` bytes until the event is set.
+    stall: asyncio.Event | None = None
+    stall_after: int = 0
+    chunk: int = 64 * 1024
+    require_token: bool = False
+    redirect_to: str | None = None  # base URL of a CDN app
+    seen: list[Seen] = field(default_factory=list)
+    tokens_issued: int = 0
+
+    def add_blob(self, data: bytes) -> str:
+        digest = digest_of(data)
+        self.blobs[digest] = data
+        return digest
+
+    def add_manifest(self, tag: str, doc: dict[str, Any], media_type: str = MANIFEST_TYPE) -> str:
+        data = json.dumps(doc).encode()
+        digest = digest_of(data)
+        self.manifests[tag] = (media_type, data)
+        self.manifests[digest] = (media_type, data)
+        return digest
+
+    def count(self, method: str, kind: str) -> int:
+        return sum(1 for s in self.seen if s.method == method and f"/{kind}/" in s.path)
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/token", self._token)
+        app.router.add_get("/v2/", self._ping)
+        app.router.add_route("*", "/v2/{name:.+}/blobs/{digest}", self._blob)
+        app.router.add_route("*", "/v2/{name:.+}/manifests/{ref}", self._manifest)
+        return app
+
+    async def _token(self, request: web.Request) -> web.Response:
+        self.tokens_issued += 1
+        return web.json_response({"token": f"tok-{self.tokens_issued}", "expires_in": 300})
+
+    def _record(self, request: web.Request) -> None:
+        self.seen.append(
+            Seen(
+                request.method,
+                request.path_qs,
+                dict(request.headers),
+                request.headers.getall("Accept", []),
+            )
+        )
+
+    def _gate(self, request: web.Request) -> web.Response | None:
+        if self.require_token and not request.headers.get("Authorization", "").startswith(
+            "Bearer tok-"
+        ):
+            realm = f"http://{request.host}/token"
+            return web.json_response(
+                {"errors": [{"code": "UNAUTHORIZED", "message": "authentication required"}]},
+                status=401,
+                headers={"WWW-Authenticate": f'Bearer realm="{realm}",service="faults"'},
+            )
+        if self.mode == "status":
+            return web.json_response(
+                {"errors": [{"code": "TOOMANYREQUESTS", "message": "slow down"}]},
+                status=self.status,
+                headers=self.extra_headers,
+            )
+        return None
+
+    async def _ping(self, request: web.Request) -> web.Response:
+        self._record(request)
+        return self._gate(request) or web.json_response({})
+
+    async def _manifest(self, request: web.Request) -> web.StreamResponse:
+        self._record(request)
+        refused = self._gate(request)
+        if refused is not None:
+            return refused
+        found = self.manifests.get(request.match_info["ref"])
+        if found is None:
+            return web.json_response(
+                {"errors": [{"code": "MANIFEST_UNKNOWN", "message": "manifest unknown"}]},
+                status=404,
+            )
+        media_type, data = found
+        headers = {"Docker-Content-Digest": digest_of(data), **self.extra_headers}
+        if self.mode == "corrupt":
+            data = data[:-1] + b" "
+        return web.Response(body=data, content_type=media_type, headers=headers)
+
+    async def _blob(self, request: web.Request) -> web.StreamResponse:
+        self._record(request)
+        refused = self._gate(request)
+        if refused is not None:
+            return refused
+        digest = request.match_info["digest"]
+        data = self.blobs.get(digest)
+        if data is None:
+            return web.json_response(
+                {"errors": [{"code": "BLOB_UNKNOWN", "message": "blob unknown"}]}, status=404
+            )
+        if self.redirect_to is not None:
+            raise web.HTTPTemporaryRedirect(f"{self.redirect_to}/cdn/{digest}?sig=abc")
+        return await self.send(request, data)
+
+    async def send(self, request: web.Request, data: bytes) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": BLOB_TYPE, **self.extra_headers})
+        response.content_length = len(data)
+        await response.prepare(request)
+        if request.method == "HEAD":
+            return response
+        body = bytearray(data)
+        if self.mode == "corrupt":
+            body[len(body) // 2] ^= 0xFF
+        limit = len(body) // 2 if self.mode == "truncate" else len(body)
+        pos = 0
+        while pos < limit:
+            if self.stall is not None and pos >= self.stall_after:
+                await self.stall.wait()
+            end = min(limit, pos + self.chunk)
+            if self.stall is not None and pos < self.stall_after < end:
+                end = self.stall_after
+            await response.write(bytes(body[pos:end]))
+            pos = end
+        if limit < len(body):
+            assert request.transport is not None
+            request.transport.abort()
+            return response
+        await response.write_eof()
+        return response
+
+
+@dataclass
+class Cdn:
+    """A second origin that blob redirects point to; records what it was sent."""
+
+    origin: FaultRegistry
+    seen: list[Seen] = field(default_factory=list)
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/cdn/{digest}", self._blob)
+        return app
+
+    async def _blob(self, request: web.Request) -> web.StreamResponse:
+        self.seen.append(Seen(request.method, request.path_qs, dict(request.headers)))
+        return await self.origin.send(request, self.origin.blobs[request.match_info["digest"]])

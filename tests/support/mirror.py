@@ -1,0 +1,102 @@
+"""Running pullthrough in tests: in-process apps and real subprocesses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from yarl import URL
+
+from proxy.config import Settings
+
+
+def settings_for(cache_dir: Path, upstream: str, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "host": "127.0.0.1",
+        "cache_dir": cache_dir,
+        "upstream": URL(upstream),
+        "connect_timeout": 5.0,
+        "read_timeout": 15.0,
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def blob_files(cache_dir: Path) -> list[Path]:
+    return sorted(p for p in (cache_dir / "blobs").rglob("*") if p.is_file())
+
+
+def temp_files(cache_dir: Path) -> list[Path]:
+    return sorted((cache_dir / "tmp").iterdir())
+
+
+class MirrorProcess:
+    """``python -m proxy serve`` as a real process, the way an operator runs it."""
+
+    def __init__(self, cache_dir: Path, upstream: str, *, workers: int = 1) -> None:
+        self.cache_dir = cache_dir
+        self.upstream = upstream
+        self.workers = workers
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = cache_dir.parent / f"mirror-{self.port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, "PULLTHROUGH_LOG_LEVEL": "DEBUG"}
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "proxy",
+                    "serve",
+                    "--host=127.0.0.1",
+                    f"--port={self.port}",
+                    f"--cache-dir={self.cache_dir}",
+                    f"--upstream={self.upstream}",
+                    f"--workers={self.workers}",
+                    "--read-timeout=15",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mirror exited: {self.log.read_text()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/v2/", timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"mirror did not start: {self.log.read_text()}")
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: no clean-up code runs, as in a crash."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()

@@ -209,14 +209,17 @@ class BlobStore:
             await asyncio.to_thread(writer.commit)
             download.state = State.COMMITTED
         except BaseException as exc:
-            download.state = State.FAILED
-            download.error = exc
-            await asyncio.shield(asyncio.to_thread(writer.abort))
+            try:
+                await asyncio.shield(asyncio.to_thread(writer.abort))
+            finally:
+                # Readers learn of the failure only once nothing of it is left.
+                download.state = State.FAILED
+                download.error = exc
             if not isinstance(exc, Exception):
                 raise
             log.warning("download of %s failed: %s", writer.digest, exc)
         finally:
-            del self._downloads[writer.digest]
+            self._downloads.pop(writer.digest, None)
             download.size_known.set()
             download.notify()
 
@@ -226,6 +229,10 @@ class BlobStore:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        # A task cancelled before it first ran never reached its own clean-up.
+        for download in list(self._downloads.values()):
+            download.writer.abort()
+        self._downloads.clear()
 
     def _claim(self, digest: Digest) -> BlobWriter | None:
         if self.stat(digest) is not None:
@@ -261,6 +268,8 @@ class BlobStore:
         removed = 0
         now = time.time()
         for path in sorted(self.layout.tmp.iterdir()):
+            if not path.exists():
+                continue  # a .size file removed with its .partial
             if path.suffix == ".partial":
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
                 try:

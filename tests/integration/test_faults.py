@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from proxy.app import create_app
 from tests.support.faults import Cdn, FaultRegistry, digest_of
-from tests.support.mirror import blob_files, settings_for, temp_files
+from tests.support.mirror import MirrorProcess, blob_files, settings_for, temp_files
 
 BLOB = os.urandom(3 * 1024 * 1024 + 17)
 DIGEST = digest_of(BLOB)
@@ -211,3 +211,31 @@ async def test_accept_lines_are_all_forwarded(
         json.loads(await resp.read())
     head = next(s for s in fault.seen if s.method == "HEAD")
     assert head.accept == accept
+
+
+async def test_killed_mid_download_nothing_is_served_after_restart(
+    fault: FaultRegistry, upstream: TestServer, tmp_path: Path
+) -> None:
+    fault.stall = asyncio.Event()
+    fault.stall_after = len(BLOB) // 2
+    cache = tmp_path / "cache"
+    mirror = MirrorProcess(cache, str(upstream.make_url("/")).rstrip("/"))
+    await asyncio.to_thread(mirror.start)
+    try:
+        async with aiohttp.ClientSession() as session, session.get(mirror.url + URL_BLOB) as resp:
+            await resp.content.readexactly(len(BLOB) // 4)
+            mirror.kill()  # SIGKILL: no clean-up code runs
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await resp.read()
+        assert [p.suffix for p in temp_files(cache)] == [".partial", ".size"]
+        assert blob_files(cache) == []
+
+        fault.stall = None
+        await asyncio.to_thread(mirror.start)
+        assert temp_files(cache) == []  # the crash's leftovers are gone at start-up
+        async with aiohttp.ClientSession() as session, session.get(mirror.url + URL_BLOB) as resp:
+            assert await resp.read() == BLOB
+        assert fault.count("GET", "blobs") == 2  # fetched afresh, not resumed from junk
+    finally:
+        fault.stall = None
+        mirror.stop()

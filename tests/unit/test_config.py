@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from yarl import URL
+
+from proxy.auth import parse_challenge
+from proxy.config import DOCKER_HUB, ConfigError, Settings, load_settings
+
+
+def test_defaults_work_on_a_fresh_machine() -> None:
+    settings = load_settings()
+    assert settings.port == 5000
+    assert settings.upstream == DOCKER_HUB
+    assert settings.cache_dir == Path("pullthrough-cache")
+
+
+def test_flags_beat_environment_beat_file(tmp_path: Path) -> None:
+    config = tmp_path / "pullthrough.toml"
+    config.write_text('port = 6000\nupstream = "http://registry.local:5000"\nworkers = 2\n')
+    settings = load_settings(
+        config_file=config,
+        environ={"PULLTHROUGH_PORT": "7000", "PULLTHROUGH_WORKERS": "3", "HOME": "/root"},
+        overrides={"port": 8000},
+    )
+    assert settings.port == 8000
+    assert settings.workers == 3
+    assert settings.upstream == URL("http://registry.local:5000")
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"PULLTHROUGH_PORT": "http"}, "port"),
+        ({"PULLTHROUGH_PORT": "70000"}, "port"),
+        ({"PULLTHROUGH_UPSTREAM": "ftp://x"}, "upstream"),
+        ({"PULLTHROUGH_UPSTREAM": "https://x/some/path"}, "upstream"),
+        ({"PULLTHROUGH_UPSTREAM_USERNAME": "bob"}, "go together"),
+        ({"PULLTHROUGH_WORKERS": "0"}, "workers"),
+        ({"PULLTHROUGH_COLOUR": "blue"}, "unknown setting"),
+        ({"PULLTHROUGH_LIBRARY_PREFIX": "maybe"}, "library_prefix"),
+    ],
+)
+def test_bad_values_are_refused_at_start_up(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings(environ=environ)
+
+
+def test_password_never_in_repr() -> None:
+    settings = Settings(upstream_username="bob", upstream_password="hunter2")
+    assert "hunter2" not in repr(settings)
+
+
+def test_unreadable_config_file_is_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("port = [")
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_settings(config_file=bad)
+
+
+def test_challenge_parsing() -> None:
+    challenge = parse_challenge(
+        [
+            'Basic realm="x"',
+            'Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'
+            'scope="repository:library/alpine:pull"',
+        ]
+    )
+    assert challenge is not None
+    assert challenge.scheme == "bearer"
+    assert challenge.realm == "https://auth.docker.io/token"
+    assert challenge.service == "registry.docker.io"
+    assert challenge.params["scope"] == "repository:library/alpine:pull"
+    assert parse_challenge([]) is None

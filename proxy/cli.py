@@ -71,15 +71,13 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Set
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         settings = settings_from_args(args, dict(os.environ))
     except ConfigError as exc:
         print(f"pullthrough: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    logging.getLogger().setLevel(settings.log_level.upper())
     return serve(settings)
 
 

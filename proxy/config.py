@@ -8,6 +8,7 @@ so a bad value stops the server with a clear message instead of failing a reques
 from __future__ import annotations
 
 import dataclasses
+import logging
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from yarl import URL
+
+log = logging.getLogger(__name__)
 
 DOCKER_HUB = URL("https://registry-1.docker.io")
 ENV_PREFIX = "PULLTHROUGH_"
@@ -110,11 +113,18 @@ def load_settings(
                 values.update(tomllib.load(f))
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config file {config_file}: {exc}") from None
-    for key, raw in (environ or {}).items():
-        if key.startswith(ENV_PREFIX) and key != f"{ENV_PREFIX}CONFIG":
-            values[key.removeprefix(ENV_PREFIX).lower()] = raw
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     unknown = sorted(set(values) - set(_FIELDS))
     if unknown:
-        raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+        raise ConfigError(f"unknown setting(s) in {config_file}: {', '.join(unknown)}")
+    for key, raw in (environ or {}).items():
+        if not key.startswith(ENV_PREFIX) or key == f"{ENV_PREFIX}CONFIG":
+            continue
+        name = key.removeprefix(ENV_PREFIX).lower()
+        if name in _FIELDS:
+            values[name] = raw
+        else:
+            # Not fatal: Kubernetes alone sets PULLTHROUGH_SERVICE_HOST and
+            # friends for a Service of that name.
+            log.warning("ignoring %s: pullthrough has no setting %r", key, name)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return Settings(**{k: _convert(k, v) for k, v in values.items()})

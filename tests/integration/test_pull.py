@@ -14,6 +14,7 @@ from tests.support.images import ACCEPT_ALL_MANIFESTS, Image
 from tests.support.mirror import MirrorProcess
 from tests.support.registry import AccessLogEntry, Registry
 from tests.support.skopeo import Skopeo, dir_blob_digests, dir_manifest
+from tests.support.tokenserver import ALICE
 
 
 @pytest.fixture
@@ -177,3 +178,39 @@ async def test_unknown_things_are_oci_errors(upstream: Registry, mirror: MirrorP
                 assert resp.status in statuses, path
                 body = await resp.json()
                 assert body["errors"][0]["code"] in codes, path
+
+
+def test_credentials_reach_a_private_repository_and_tokens_are_reused(
+    upstream: Registry, skopeo_cli: Skopeo, tmp_path: Path
+) -> None:
+    image = upstream.images["private/secret:1"]
+    user, password = ALICE
+    mirror = MirrorProcess(
+        tmp_path / "cache",
+        upstream.url,
+        env={"PULLTHROUGH_UPSTREAM_USERNAME": user, "PULLTHROUGH_UPSTREAM_PASSWORD": password},
+    )
+    mirror.start()
+    try:
+        tokens = upstream.tokens.mark()
+        pull(skopeo_cli, mirror, image, tmp_path / "one", all_=False)
+        pull(skopeo_cli, mirror, image, tmp_path / "two", all_=False)
+        assert_same_as_upstream(image, tmp_path / "two", all_=False)
+        fetched = upstream.tokens.requests_since(tokens)
+        # One token for the repository, fetched with alice's credentials, reused.
+        assert [(t.scope, t.user) for t in fetched] == [("repository:private/secret:pull", user)]
+        assert password not in mirror.log.read_text()
+    finally:
+        mirror.stop()
+
+
+async def test_containerd_namespace_query_is_accepted(
+    upstream: Registry, mirror: MirrorProcess
+) -> None:
+    image = upstream.images["library/hello:latest"]
+    url = f"{mirror.url}/v2/library/hello/manifests/latest?ns=docker.io"
+    headers = {"Accept": image.top.media_type}
+    async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as resp:
+        assert resp.status == 200
+        assert await resp.read() == image.top.data
+        assert resp.headers["Docker-Content-Digest"] == image.digest

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-REQUIRE_ENV = "PULLTHROUGH_REQUIRE_BINARIES"
+REQUIRE_ENV = "REQUIRE_TEST_BINARIES"
 
 _HINTS = {
     "docker-registry": "apt-get install docker-registry",
@@ -24,7 +24,7 @@ def require_binary(name: str) -> str:
     """The absolute path of program ``name`` on PATH.
 
     When it is missing the calling test (or fixture) is skipped, unless
-    ``PULLTHROUGH_REQUIRE_BINARIES=1`` is set, in which case it fails.
+    ``REQUIRE_TEST_BINARIES=1`` is set, in which case it fails.
     """
     path = shutil.which(name)
     if path is not None:

@@ -46,17 +46,25 @@ def temp_files(cache_dir: Path) -> list[Path]:
 class MirrorProcess:
     """``python -m proxy serve`` as a real process, the way an operator runs it."""
 
-    def __init__(self, cache_dir: Path, upstream: str, *, workers: int = 1) -> None:
+    def __init__(
+        self,
+        cache_dir: Path,
+        upstream: str,
+        *,
+        workers: int = 1,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.cache_dir = cache_dir
         self.upstream = upstream
         self.workers = workers
+        self.env = env or {}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = cache_dir.parent / f"mirror-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        env = {**os.environ, "PULLTHROUGH_LOG_LEVEL": "DEBUG"}
+        env = {**os.environ, "PULLTHROUGH_LOG_LEVEL": "DEBUG", **self.env}
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [

@@ -38,7 +38,6 @@ def test_flags_beat_environment_beat_file(tmp_path: Path) -> None:
         ({"PULLTHROUGH_UPSTREAM": "https://x/some/path"}, "upstream"),
         ({"PULLTHROUGH_UPSTREAM_USERNAME": "bob"}, "go together"),
         ({"PULLTHROUGH_WORKERS": "0"}, "workers"),
-        ({"PULLTHROUGH_COLOUR": "blue"}, "unknown setting"),
         ({"PULLTHROUGH_LIBRARY_PREFIX": "maybe"}, "library_prefix"),
     ],
 )
@@ -73,3 +72,15 @@ def test_challenge_parsing() -> None:
     assert challenge.service == "registry.docker.io"
     assert challenge.params["scope"] == "repository:library/alpine:pull"
     assert parse_challenge([]) is None
+
+
+def test_unknown_environment_is_a_warning_but_unknown_file_keys_an_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = load_settings(environ={"PULLTHROUGH_SERVICE_HOST": "10.0.0.1"})
+    assert settings.port == 5000
+    assert "PULLTHROUGH_SERVICE_HOST" in caplog.text
+    config = tmp_path / "pullthrough.toml"
+    config.write_text("prot = 5000\n")
+    with pytest.raises(ConfigError, match="unknown setting"):
+        load_settings(config_file=config)

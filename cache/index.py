@@ -20,6 +20,18 @@ class TagEntry:
         return (time.time() if now is None else now) - self.fetched_at
 
 
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """A page of ``tags/list`` as the upstream sent it."""
+
+    body: bytes
+    link: str | None
+    fetched_at: float
+
+    def age(self, now: float | None = None) -> float:
+        return (time.time() if now is None else now) - self.fetched_at
+
+
 class TagIndex:
     """diskcache (SQLite) underneath: safe across worker processes.
 
@@ -48,6 +60,20 @@ class TagIndex:
         await asyncio.to_thread(
             self._cache.set, self._key(upstream, repository, tag, accept), value
         )
+
+    async def get_listing(self, upstream: str, repository: str, query: str) -> Listing | None:
+        raw = await asyncio.to_thread(self._cache.get, f"list\0{upstream}\0{repository}\0{query}")
+        if not isinstance(raw, tuple) or len(raw) != 3:
+            return None
+        body, link, fetched_at = raw
+        return Listing(bytes(body), None if link is None else str(link), float(fetched_at))
+
+    async def put_listing(
+        self, upstream: str, repository: str, query: str, listing: Listing
+    ) -> None:
+        value = (listing.body, listing.link, listing.fetched_at)
+        key = f"list\0{upstream}\0{repository}\0{query}"
+        await asyncio.to_thread(self._cache.set, key, value)
 
     def close(self) -> None:
         self._cache.close()

@@ -15,7 +15,8 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "pullthrough_requests",
-            "Registry requests served, by kind (manifest, blob) and result (hit, miss, error)",
+            "Registry requests served, by kind (manifest, blob, tags) and result "
+            "(hit, miss, stale, error)",
             ["kind", "result"],
             registry=self.registry,
         )
@@ -45,6 +46,25 @@ class Metrics:
             "pullthrough_coalesced_requests",
             "Requests that joined a fetch another request had started",
             ["kind"],
+            registry=self.registry,
+        )
+
+        self.ratelimit_limit = Gauge(
+            "pullthrough_upstream_ratelimit_limit",
+            "Pulls the upstream allows per window (Docker Hub's ratelimit-limit)",
+            ["upstream"],
+            registry=self.registry,
+        )
+        self.ratelimit_remaining = Gauge(
+            "pullthrough_upstream_ratelimit_remaining",
+            "Pulls left in the upstream's current window (Docker Hub's ratelimit-remaining)",
+            ["upstream"],
+            registry=self.registry,
+        )
+        self.stale_served = Counter(
+            "pullthrough_stale_served",
+            "Tags answered from the cache because the upstream could not be asked",
+            ["reason"],
             registry=self.registry,
         )
 

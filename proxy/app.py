@@ -17,7 +17,7 @@ from proxy.errors import oci_errors
 from proxy.keys import METRICS, MIRROR, SETTINGS
 from proxy.mirror import Mirror
 from proxy.routes import add_routes, count_served_bytes
-from proxy.upstream import UpstreamClient, new_session
+from proxy.upstream import RateLimit, UpstreamClient, new_session
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,26 @@ async def _mirror(app: web.Application) -> AsyncIterator[None]:
         log.info("removed %d temp files left by an earlier run", removed)
     tags = TagIndex(layout.index)
     session = new_session(settings)
-    upstream = UpstreamClient(settings, session, on_token=metrics.tokens_fetched.inc)
-    app[MIRROR] = Mirror(upstream, blobs, ManifestStore(layout), tags, metrics)
+    host = settings.upstream.host or ""
+
+    def ratelimit(seen: RateLimit) -> None:
+        metrics.ratelimit_limit.labels(host).set(seen.limit)
+        metrics.ratelimit_remaining.labels(host).set(seen.remaining)
+        if seen.remaining * 10 < seen.limit:
+            log.warning("upstream %s: %d of %d pulls left", host, seen.remaining, seen.limit)
+
+    upstream = UpstreamClient(
+        settings, session, on_token=metrics.tokens_fetched.inc, on_ratelimit=ratelimit
+    )
+    app[MIRROR] = Mirror(
+        upstream,
+        blobs,
+        ManifestStore(layout),
+        tags,
+        metrics,
+        tag_ttl=settings.tag_ttl,
+        offline=settings.offline,
+    )
     try:
         yield
     finally:

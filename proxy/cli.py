@@ -41,6 +41,15 @@ def _parser() -> argparse.ArgumentParser:
         help="user for the upstream; the password comes from PULLTHROUGH_UPSTREAM_PASSWORD "
         "or the config file, never the command line",
     )
+    serve.add_argument(
+        "--tag-ttl", type=float, help="seconds a tag's digest is trusted (default 300)"
+    )
+    serve.add_argument(
+        "--offline",
+        action="store_const",
+        const=True,
+        help="never contact the upstream; serve only what is cached",
+    )
     serve.add_argument("--workers", type=int, help="worker processes (default 1)")
     serve.add_argument("--connect-timeout", type=float, help="seconds (default 10)")
     serve.add_argument("--read-timeout", type=float, help="seconds (default 60)")
@@ -60,6 +69,8 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Set
             "cache_dir",
             "upstream",
             "upstream_username",
+            "tag_ttl",
+            "offline",
             "workers",
             "connect_timeout",
             "read_timeout",

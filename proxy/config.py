@@ -46,6 +46,15 @@ class Settings:
     # Seconds to open a connection upstream, and to wait for each read.
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
+    # How long a tag's digest is trusted before it is checked again upstream
+    # (with a HEAD, which Docker Hub does not count against its rate limit).
+    # Five minutes: a busy build farm costs the upstream one HEAD per tag per five
+    # minutes, and a tag pushed upstream is seen within five minutes. Pull by
+    # digest for content that must not wait; 0 checks on every pull.
+    tag_ttl: float = 300.0
+    # Never contact the upstream: serve what is cached, MANIFEST_UNKNOWN or
+    # BLOB_UNKNOWN for the rest (air-gapped sites).
+    offline: bool = False
     # Worker processes sharing the port (SO_REUSEPORT) and the cache.
     workers: int = 1
     log_level: str = "INFO"
@@ -61,6 +70,8 @@ class Settings:
             raise ConfigError("upstream_username and upstream_password go together")
         if self.connect_timeout <= 0 or self.read_timeout <= 0:
             raise ConfigError("timeouts must be positive")
+        if self.tag_ttl < 0:
+            raise ConfigError(f"tag_ttl must be 0 or more seconds, not {self.tag_ttl}")
         if not 1 <= self.workers <= 64:
             raise ConfigError(f"workers must be 1-64, not {self.workers}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

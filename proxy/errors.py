@@ -84,6 +84,10 @@ class NotFound(RegistryError):
     code, status, message = "NOT_FOUND", 404, "no such endpoint"
 
 
+class PaginationInvalid(RegistryError):
+    code, status, message = "PAGINATION_NUMBER_INVALID", 400, "invalid number of results requested"
+
+
 class RangeInvalid(RegistryError):
     code, status, message = "RANGE_INVALID", 416, "requested range not satisfiable"
 

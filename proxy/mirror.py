@@ -18,11 +18,19 @@ import aiohttp
 from cache.blobs import BlobSink, BlobStore, Tracker
 from cache.digests import Digest
 from cache.errors import DigestMismatch
-from cache.index import TagEntry, TagIndex
+from cache.index import Listing, TagEntry, TagIndex
 from cache.inflight import SingleFlight
 from cache.manifests import ManifestStore, StoredManifest
 from metrics import Metrics
-from proxy.errors import ManifestTooLarge, UpstreamInvalid
+from proxy.errors import (
+    BlobUnknown,
+    ManifestTooLarge,
+    ManifestUnknown,
+    NameUnknown,
+    TooManyRequests,
+    UpstreamInvalid,
+    UpstreamUnavailable,
+)
 from proxy.names import Reference
 from proxy.upstream import UpstreamClient, raise_for_status
 
@@ -78,7 +86,7 @@ class ManifestAnswer:
     media_type: str
     size: int
     data: bytes | None  # None when a HEAD was answered from the upstream's headers
-    source: str  # "cache" or "upstream"
+    source: str  # "cache", "stale" (upstream could not be asked) or "upstream"
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,8 +103,13 @@ class Mirror:
         manifests: ManifestStore,
         tags: TagIndex,
         metrics: Metrics,
+        *,
+        tag_ttl: float = 300.0,
+        offline: bool = False,
     ) -> None:
         self.upstream = upstream
+        self.tag_ttl = tag_ttl
+        self.offline = offline
         self.blobs = blobs
         self.manifests = manifests
         self.tags = tags
@@ -121,6 +134,8 @@ class Mirror:
         stored = await self.manifests.get(digest)
         if stored is not None:
             return _answer(stored, "cache")
+        if self.offline:
+            raise ManifestUnknown(f"{repository}@{digest} is not cached (offline mode)")
         if head:
             # A HEAD must not cost a (rate-limited) GET upstream: ask with a HEAD.
             upstream_head = await self._upstream_head(repository, str(digest), accept)
@@ -131,6 +146,33 @@ class Mirror:
         return _answer(stored, "upstream")
 
     async def _by_tag(
+        self, repository: str, tag: str, accept: Sequence[str], *, head: bool
+    ) -> ManifestAnswer:
+        # Keyed by what the client accepts: the same tag can be a manifest list
+        # for one client and a single-platform manifest for another.
+        entry = await self.tags.get(self._upstream_key, repository, tag, accept_key(accept))
+        cached = None
+        if entry is not None:
+            cached = await self.manifests.get(Digest.parse(entry.digest))
+        if (
+            cached is not None
+            and entry is not None
+            and (self.offline or entry.age() < self.tag_ttl)
+        ):
+            return _answer(cached, "cache")
+        if self.offline:
+            raise ManifestUnknown(f"{repository}:{tag} is not cached (offline mode)")
+        try:
+            return await self._resolve_tag(repository, tag, accept, head=head)
+        except (UpstreamUnavailable, TooManyRequests) as exc:
+            if cached is None:
+                raise
+            reason = "ratelimited" if isinstance(exc, TooManyRequests) else "unavailable"
+            self.metrics.stale_served.labels(reason).inc()
+            log.warning("serving %s:%s from cache as %s: %s", repository, tag, cached.digest, exc)
+            return _answer(cached, "stale")
+
+    async def _resolve_tag(
         self, repository: str, tag: str, accept: Sequence[str], *, head: bool
     ) -> ManifestAnswer:
         # Resolve the tag with a HEAD (free on Docker Hub's rate limit), then get
@@ -215,6 +257,37 @@ class Mirror:
             self.metrics.coalesced.labels("manifest").inc()
         return result
 
+    # -- tag listings -------------------------------------------------------------
+
+    async def tag_list(self, repository: str, query: dict[str, str]) -> tuple[Listing, str]:
+        """A page of ``tags/list``, under the same freshness rule as tags."""
+        key = "&".join(f"{k}={v}" for k, v in sorted(query.items()))
+        cached = await self.tags.get_listing(self._upstream_key, repository, key)
+        if cached is not None and (self.offline or cached.age() < self.tag_ttl):
+            return cached, "cache"
+        if self.offline:
+            raise NameUnknown(f"no tag list of {repository} is cached (offline mode)")
+        try:
+            resp = await self.upstream.request(
+                "GET", repository, "tags", "list", accept=("application/json",), query=query
+            )
+            self._count_upstream(resp)
+            try:
+                await raise_for_status(resp, "tags", "list")
+                body = await _read_limited(resp, MAX_MANIFEST_BYTES)
+                link = resp.headers.get("Link")
+            finally:
+                resp.release()
+        except (UpstreamUnavailable, TooManyRequests) as exc:
+            if cached is None:
+                raise
+            self.metrics.stale_served.labels("unavailable").inc()
+            log.warning("serving the tag list of %s from cache: %s", repository, exc)
+            return cached, "stale"
+        listing = Listing(body, link, time.time())
+        await self.tags.put_listing(self._upstream_key, repository, key, listing)
+        return listing, "upstream"
+
     # -- blobs ------------------------------------------------------------------
 
     def blob_hit(self, digest: Digest) -> tuple[Path, int] | None:
@@ -222,6 +295,8 @@ class Mirror:
 
     def blob_download(self, repository: str, digest: Digest) -> Tracker | None:
         """Follow the upstream download of ``digest``, starting one if none runs."""
+        if self.offline:
+            raise BlobUnknown(f"{digest} is not cached (offline mode)")
 
         async def fetch(sink: BlobSink) -> None:
             self.metrics.downloads_in_flight.inc()
@@ -244,6 +319,8 @@ class Mirror:
         hit = self.blobs.stat(digest)
         if hit is not None:
             return BlobHead(hit[1], "cache")
+        if self.offline:
+            raise BlobUnknown(f"{digest} is not cached (offline mode)")
         resp = await self.upstream.request("HEAD", repository, "blobs", str(digest))
         self._count_upstream(resp)
         try:

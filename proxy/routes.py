@@ -11,7 +11,7 @@ from cache.blobs import Tracker
 from cache.digests import Digest
 from cache.errors import DownloadFailed
 from proxy import names
-from proxy.errors import RangeInvalid, Unsupported
+from proxy.errors import PaginationInvalid, RangeInvalid, Unsupported
 from proxy.keys import METRICS, MIRROR, SETTINGS
 from proxy.mirror import ManifestAnswer
 from proxy.names import Reference
@@ -20,7 +20,10 @@ log = logging.getLogger(__name__)
 
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 _ROUTE = re.compile(r"^(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<ref>[^/]+)$")
+_TAGS = re.compile(r"^(?P<name>.+)/tags/list$")
 _UPLOADS = re.compile(r"^.+/blobs/uploads(/.*)?$")
+_RESULT = {"cache": "hit", "stale": "stale", "upstream": "miss"}
+MAX_TAGS_PAGE = 10_000
 # Where a request's bytes came from, for the served-bytes counter.
 SOURCE = web.RequestKey("source", str)
 # How often a reader may start over when the download it followed in another
@@ -42,24 +45,47 @@ async def registry(request: web.Request) -> web.StreamResponse:
     path = request.match_info["path"]
     if request.method not in ("GET", "HEAD") or _UPLOADS.match(path):
         raise Unsupported(f"{request.method} /v2/{path}")
-    match = _ROUTE.match(path)
-    if match is None:
-        raise web.HTTPNotFound()
     settings = request.app[SETTINGS]
-    repository = names.repository(match["name"], docker_hub_rules=settings.library_prefix)
-    kind = "manifest" if match["kind"] == "manifests" else "blob"
     counter = request.app[METRICS].requests
     response: web.StreamResponse
+    if (match := _ROUTE.match(path)) is not None:
+        kind = "manifest" if match["kind"] == "manifests" else "blob"
+    elif (match := _TAGS.match(path)) is not None:
+        kind = "tags"
+    else:
+        raise web.HTTPNotFound()
     try:
+        repository = names.repository(match["name"], docker_hub_rules=settings.library_prefix)
         if kind == "manifest":
             response = await manifest(request, repository, Reference.parse(match["ref"]))
-        else:
+        elif kind == "blob":
             response = await blob(request, repository, Digest.parse(match["ref"]))
+        else:
+            response = await tag_list(request, repository)
     except Exception:
         counter.labels(kind, "error").inc()
         raise
-    counter.labels(kind, "hit" if request.get(SOURCE) == "cache" else "miss").inc()
+    counter.labels(kind, _RESULT.get(request.get(SOURCE, ""), "miss")).inc()
     return response
+
+
+async def tag_list(request: web.Request, repository: str) -> web.Response:
+    if request.method == "HEAD":
+        raise Unsupported("HEAD of a tag list")
+    query: dict[str, str] = {}
+    if "n" in request.query:
+        n = request.query["n"]
+        if not n.isdigit() or not 0 < int(n) <= MAX_TAGS_PAGE:
+            raise PaginationInvalid(f"n must be 1-{MAX_TAGS_PAGE}")
+        query["n"] = str(int(n))
+    if "last" in request.query:
+        query["last"] = str(Reference.parse(request.query["last"]))
+    listing, source = await request.app[MIRROR].tag_list(repository, query)
+    request[SOURCE] = source
+    headers = dict(API_VERSION)
+    if listing.link is not None:
+        headers["Link"] = listing.link
+    return web.Response(body=listing.body, headers=headers, content_type="application/json")
 
 
 async def manifest(request: web.Request, repository: str, reference: Reference) -> web.Response:
@@ -170,7 +196,8 @@ async def count_served_bytes(request: web.Request, response: web.StreamResponse)
     """on_response_prepare: count what a GET sends, by where it came from."""
     source = request.get(SOURCE)
     if source and request.method == "GET" and response.status in (200, 206):
-        request.app[METRICS].served_bytes.labels(source).inc(response.content_length or 0)
+        origin = "upstream" if source == "upstream" else "cache"
+        request.app[METRICS].served_bytes.labels(origin).inc(response.content_length or 0)
 
 
 def add_routes(app: web.Application) -> None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Iterable
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 import aiohttp
 from multidict import CIMultiDict
@@ -29,6 +32,36 @@ log = logging.getLogger(__name__)
 USER_AGENT = "pullthrough/0.1"
 MAX_REDIRECTS = 5
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+
+_RATE = re.compile(r"^\s*(\d+)\s*(?:;\s*w\s*=\s*(\d+))?")
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """Docker Hub's pull allowance, from ``ratelimit-limit: 100;w=21600`` and friends."""
+
+    limit: int
+    remaining: int
+    window_seconds: int | None
+    source: str | None
+    observed_at: float
+
+
+def parse_ratelimit(headers: Mapping[str, str]) -> RateLimit | None:
+    """None when the upstream sent no rate-limit headers (as for unlimited accounts)."""
+    limit = _RATE.match(headers.get("RateLimit-Limit", ""))
+    remaining = _RATE.match(headers.get("RateLimit-Remaining", ""))
+    if limit is None or remaining is None:
+        return None
+    window = limit[2] or remaining[2]
+    return RateLimit(
+        limit=int(limit[1]),
+        remaining=int(remaining[1]),
+        window_seconds=int(window) if window else None,
+        source=headers.get("Docker-RateLimit-Source"),
+        observed_at=time.time(),
+    )
 
 
 def same_origin(a: URL, b: URL) -> bool:
@@ -56,8 +89,11 @@ class UpstreamClient:
         session: aiohttp.ClientSession,
         *,
         on_token: Callable[[], None] = lambda: None,
+        on_ratelimit: Callable[[RateLimit], None] = lambda _: None,
     ) -> None:
         self.base = settings.upstream
+        self.ratelimit: RateLimit | None = None
+        self._on_ratelimit = on_ratelimit
         self._session = session
         credentials = None
         if settings.upstream_username is not None and settings.upstream_password is not None:
@@ -69,7 +105,13 @@ class UpstreamClient:
         return self.base.with_path(f"/v2/{repository}/{kind}/{reference}")
 
     async def request(
-        self, method: str, repository: str, kind: str, reference: str, accept: Iterable[str] = ()
+        self,
+        method: str,
+        repository: str,
+        kind: str,
+        reference: str,
+        accept: Iterable[str] = (),
+        query: Mapping[str, str] | None = None,
     ) -> aiohttp.ClientResponse:
         """Send a request upstream, authenticated for a pull of ``repository``.
 
@@ -84,6 +126,8 @@ class UpstreamClient:
             headers["Accept"] = "*/*"
         headers["Accept-Encoding"] = "identity"
         url = self.url(repository, kind, reference)
+        if query:
+            url = url.with_query(query)
         for attempt in (1, 2):
             authorization = await self.auth.header(scope)
             resp = await self._send(method, url, headers, authorization)
@@ -111,6 +155,10 @@ class UpstreamClient:
                 resp = await self._session.request(method, url, headers=sent, allow_redirects=False)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 raise UpstreamUnavailable(f"{method} {url.host}: {exc!r}") from exc
+            ratelimit = parse_ratelimit(resp.headers)
+            if ratelimit is not None:
+                self.ratelimit = ratelimit
+                self._on_ratelimit(ratelimit)
             location = resp.headers.get("Location")
             if resp.status not in REDIRECTS or location is None:
                 return resp

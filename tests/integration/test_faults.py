@@ -239,3 +239,61 @@ async def test_killed_mid_download_nothing_is_served_after_restart(
     finally:
         fault.stall = None
         mirror.stop()
+
+
+@pytest.fixture
+async def revalidating_mirror(
+    upstream: TestServer, aiohttp_client: Client, tmp_path: Path
+) -> TestClient[Any, Any]:
+    """A mirror that asks the upstream about a tag on every pull (tag_ttl=0)."""
+    base = str(upstream.make_url("/")).rstrip("/")
+    return await aiohttp_client(create_app(settings_for(tmp_path / "cache", base, tag_ttl=0.0)))
+
+
+async def test_429_serves_a_cached_tag_stale_and_passes_it_on_for_the_rest(
+    fault: FaultRegistry, revalidating_mirror: TestClient[Any, Any]
+) -> None:
+    mirror = revalidating_mirror
+    fault.add_manifest("2.0", {"schemaVersion": 2, "layers": [{"size": 1}]})
+    async with mirror.get("/v2/library/app/manifests/1.0") as resp:
+        cached = await resp.read()
+    fault.mode, fault.status, fault.extra_headers = "status", 429, {"Retry-After": "120"}
+    async with mirror.get("/v2/library/app/manifests/1.0") as resp:
+        assert resp.status == 200
+        assert await resp.read() == cached
+    async with mirror.get("/v2/library/app/manifests/2.0") as resp:
+        assert resp.status == 429
+        assert resp.headers["Retry-After"] == "120"
+        assert (await resp.json())["errors"][0]["code"] == "TOOMANYREQUESTS"
+    async with mirror.get("/metrics") as resp:
+        text = await resp.text()
+    assert 'pullthrough_stale_served_total{reason="ratelimited"} 1.0' in text
+
+
+async def test_rate_limit_headers_become_gauges(
+    fault: FaultRegistry, mirror: TestClient[Any, Any]
+) -> None:
+    fault.extra_headers = {
+        "RateLimit-Limit": "100;w=21600",
+        "RateLimit-Remaining": "42;w=21600",
+        "Docker-RateLimit-Source": "192.0.2.1",
+    }
+    async with mirror.get("/v2/library/app/manifests/1.0") as resp:
+        assert resp.status == 200
+    async with mirror.get("/metrics") as resp:
+        text = await resp.text()
+    assert 'pullthrough_upstream_ratelimit_limit{upstream="127.0.0.1"} 100.0' in text
+    assert 'pullthrough_upstream_ratelimit_remaining{upstream="127.0.0.1"} 42.0' in text
+
+
+async def test_revalidations_reuse_one_token(
+    fault: FaultRegistry, revalidating_mirror: TestClient[Any, Any]
+) -> None:
+    fault.require_token = True
+    for _ in range(5):
+        async with revalidating_mirror.get("/v2/library/app/manifests/1.0") as resp:
+            assert resp.status == 200
+    assert fault.tokens_issued == 1
+    heads = [s for s in fault.seen if s.method == "HEAD"]
+    assert len(heads) == 6  # one 401 to learn the challenge, then one HEAD a pull
+    assert fault.count("GET", "manifests") == 1

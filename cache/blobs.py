@@ -157,6 +157,9 @@ Fetch = Callable[[BlobSink], Awaitable[None]]
 class Tracker(Protocol):
     """A blob being downloaded, seen by one reader."""
 
+    # True when this reader joined a download someone else had started.
+    joined: bool
+
     async def size(self) -> int | None:
         """Wait for the upstream's answer; raise what the download failed with."""
 
@@ -189,7 +192,7 @@ class BlobStore:
         """
         download = self._downloads.get(digest)
         if download is not None:
-            return _LocalTracker(self.layout, digest, download)
+            return _LocalTracker(self.layout, digest, download, joined=True)
         writer = self._claim(digest)
         if writer is None:
             if self.stat(digest) is not None:
@@ -200,7 +203,7 @@ class BlobStore:
         task = asyncio.create_task(self._run(download, fetch), name=f"download {digest}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return _LocalTracker(self.layout, digest, download)
+        return _LocalTracker(self.layout, digest, download, joined=False)
 
     async def _run(self, download: Download, fetch: Fetch) -> None:
         writer = download.writer
@@ -339,7 +342,8 @@ async def _follow(
 class _LocalTracker:
     """A download this process runs: the writer wakes us after every chunk."""
 
-    def __init__(self, layout: Layout, digest: Digest, download: Download) -> None:
+    def __init__(self, layout: Layout, digest: Digest, download: Download, *, joined: bool) -> None:
+        self.joined = joined
         self._layout = layout
         self._digest = digest
         self._download = download
@@ -374,6 +378,8 @@ class _LocalTracker:
 
 class _ForeignTracker:
     """A download another process runs: learn its progress from the file system."""
+
+    joined = True
 
     def __init__(self, layout: Layout, digest: Digest, timeout: float) -> None:
         self._layout = layout

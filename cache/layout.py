@@ -54,6 +54,32 @@ class Layout:
     def size_file(self, digest: Digest) -> Path:
         return self.tmp / f"{digest.algorithm}-{digest.hex}.size"
 
+    def writable(self) -> bool:
+        """Can we create, write and remove a file where downloads are written?"""
+        probe = self.tmp / f"probe-{os.getpid()}-{os.urandom(4).hex()}.tmp"
+        try:
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError:
+            return False
+        return True
+
+    def usage(self) -> tuple[int, int, int]:
+        """(bytes, blobs, manifests) committed; walks the tree, so not for hot paths."""
+        size = blobs = manifests = 0
+        for kind in ("blobs", "manifests"):
+            for dirpath, _, files in os.walk(self.root / kind):
+                for name in files:
+                    try:
+                        size += (Path(dirpath) / name).stat().st_size
+                    except FileNotFoundError:
+                        continue  # removed while we looked
+                    if kind == "blobs":
+                        blobs += 1
+                    else:
+                        manifests += 1
+        return size, blobs, manifests
+
     def create(self) -> None:
         for sub in ("blobs", "manifests", "tmp", "index"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)

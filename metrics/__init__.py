@@ -1,18 +1,76 @@
 """Prometheus metrics on a registry of their own (never the global one).
 
 Imports neither aiohttp.web nor proxy: the HTTP side calls these methods.
+
+With several worker processes (``PROMETHEUS_MULTIPROC_DIR`` set before they
+start), counters and histograms live in shared files and every scrape, whichever
+worker answers it, reports the sum over all of them.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Request durations: manifests take milliseconds, cold blobs minutes.
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+@dataclass(frozen=True, slots=True)
+class CacheUsage:
+    size_bytes: int
+    blobs: int
+    manifests: int
+
+
+class _CacheCollector(Collector):
+    """Cache size, measured at scrape time (at most every ``max_age`` seconds)."""
+
+    def __init__(self, measure: Callable[[], CacheUsage], max_age: float = 30.0) -> None:
+        self._measure = measure
+        self._max_age = max_age
+        self._last: tuple[float, CacheUsage] | None = None
+
+    def describe(self) -> Iterator[Metric]:
+        # Registering calls describe(), or collect() without it: measure on scrapes only.
+        return self._families(None)
+
+    def collect(self) -> Iterator[Metric]:
+        now = time.monotonic()
+        if self._last is None or now - self._last[0] > self._max_age:
+            self._last = (now, self._measure())
+        return self._families(self._last[1])
+
+    @staticmethod
+    def _families(usage: CacheUsage | None) -> Iterator[Metric]:
+        size = GaugeMetricFamily(
+            "pullthrough_cache_size_bytes", "Bytes of blobs and manifests in the cache"
+        )
+        objects = GaugeMetricFamily(
+            "pullthrough_cache_objects", "Blobs and manifests in the cache", labels=["kind"]
+        )
+        if usage is not None:
+            size.add_metric([], usage.size_bytes)
+            objects.add_metric(["blob"], usage.blobs)
+            objects.add_metric(["manifest"], usage.manifests)
+        yield size
+        yield objects
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._multiprocess = MULTIPROCESS_ENV in os.environ
+        self._cache_collector: _CacheCollector | None = None
         self.requests = Counter(
             "pullthrough_requests",
             "Registry requests served, by kind (manifest, blob, tags) and result "
@@ -20,53 +78,76 @@ class Metrics:
             ["kind", "result"],
             registry=self.registry,
         )
+        self.duration = Histogram(
+            "pullthrough_request_duration_seconds",
+            "Time to answer a registry request, body included, by kind",
+            ["kind"],
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
         self.served_bytes = Counter(
             "pullthrough_served_bytes",
-            "Blob and manifest bytes sent to clients, by where they came from",
+            "Bytes sent to clients, by where they came from (cache: bytes saved upstream)",
             ["source"],
             registry=self.registry,
         )
         self.upstream_requests = Counter(
             "pullthrough_upstream_requests",
-            "Requests sent to the upstream registry, by method and status class",
-            ["method", "status"],
+            "Requests sent to an upstream registry, by method and HTTP status",
+            ["upstream", "method", "status"],
             registry=self.registry,
         )
         self.tokens_fetched = Counter(
             "pullthrough_upstream_tokens_fetched",
-            "Tokens fetched from the upstream's token realm",
+            "Tokens fetched from an upstream's token realm",
+            ["upstream"],
             registry=self.registry,
         )
         self.downloads_in_flight = Gauge(
             "pullthrough_downloads_in_flight",
-            "Blob downloads from the upstream running in this process",
+            "Blob downloads from the upstream running now",
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.coalesced = Counter(
             "pullthrough_coalesced_requests",
-            "Requests that joined a fetch another request had started",
+            "Requests that joined an upstream fetch another request had started",
             ["kind"],
             registry=self.registry,
         )
-
         self.ratelimit_limit = Gauge(
             "pullthrough_upstream_ratelimit_limit",
             "Pulls the upstream allows per window (Docker Hub's ratelimit-limit)",
             ["upstream"],
             registry=self.registry,
+            multiprocess_mode="mostrecent",
         )
         self.ratelimit_remaining = Gauge(
             "pullthrough_upstream_ratelimit_remaining",
             "Pulls left in the upstream's current window (Docker Hub's ratelimit-remaining)",
             ["upstream"],
             registry=self.registry,
+            multiprocess_mode="mostrecent",
         )
         self.stale_served = Counter(
             "pullthrough_stale_served",
-            "Tags answered from the cache because the upstream could not be asked",
+            "Answers from the cache because the upstream could not be asked",
             ["reason"],
             registry=self.registry,
         )
 
+    def watch_cache(self, measure: Callable[[], CacheUsage]) -> None:
+        """Report the cache's size, measured by ``measure`` when scraped."""
+        self._cache_collector = _CacheCollector(measure)
+        if not self._multiprocess:
+            self.registry.register(self._cache_collector)
+
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        """The text format; may walk the cache, so call it off the event loop."""
+        if not self._multiprocess:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        if self._cache_collector is not None:
+            registry.register(self._cache_collector)
+        return generate_latest(registry)

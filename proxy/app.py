@@ -11,7 +11,7 @@ from cache.blobs import BlobStore
 from cache.index import TagIndex
 from cache.layout import Layout
 from cache.manifests import ManifestStore
-from metrics import Metrics
+from metrics import CacheUsage, Metrics
 from proxy.config import Settings
 from proxy.errors import oci_errors
 from proxy.keys import METRICS, MIRROR, SETTINGS
@@ -42,8 +42,12 @@ async def _mirror(app: web.Application) -> AsyncIterator[None]:
             log.warning("upstream %s: %d of %d pulls left", host, seen.remaining, seen.limit)
 
     upstream = UpstreamClient(
-        settings, session, on_token=metrics.tokens_fetched.inc, on_ratelimit=ratelimit
+        settings,
+        session,
+        on_token=metrics.tokens_fetched.labels(host).inc,
+        on_ratelimit=ratelimit,
     )
+    metrics.watch_cache(lambda: CacheUsage(*layout.usage()))
     app[MIRROR] = Mirror(
         upstream,
         blobs,

@@ -8,8 +8,10 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -17,8 +19,12 @@ from aiohttp import web
 
 from cache.blobs import BlobStore
 from cache.layout import Layout
+from metrics import MULTIPROCESS_ENV
+from proxy import stats
 from proxy.app import create_app
 from proxy.config import ConfigError, Settings, load_settings
+from proxy.logs import AccessLogger
+from proxy.logs import configure as configure_logs
 
 log = logging.getLogger("pullthrough")
 
@@ -54,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--connect-timeout", type=float, help="seconds (default 10)")
     serve.add_argument("--read-timeout", type=float, help="seconds (default 60)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    serve.add_argument("--log-format", help="text or json (default text)")
+    stats = commands.add_parser("stats", help="hit ratio and bytes saved of a running mirror")
+    stats.add_argument(
+        "--url", default="http://127.0.0.1:5000", help="the mirror (default %(default)s)"
+    )
     return parser
 
 
@@ -75,6 +86,7 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Set
             "connect_timeout",
             "read_timeout",
             "log_level",
+            "log_format",
         )
     }
     return load_settings(config_file=config, environ=environ, overrides=overrides)
@@ -82,14 +94,27 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Set
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "stats":
+        return show_stats(args.url)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         settings = settings_from_args(args, dict(os.environ))
     except ConfigError as exc:
         print(f"pullthrough: {exc}", file=sys.stderr)
         return 2
-    logging.getLogger().setLevel(settings.log_level.upper())
+    configure_logs(settings.log_level, settings.log_format)
     return serve(settings)
+
+
+def show_stats(url: str) -> int:
+    try:
+        text = stats.fetch(url)
+    except (OSError, ValueError) as exc:
+        print(f"pullthrough: cannot read {url}/metrics: {exc}", file=sys.stderr)
+        return 1
+    print(f"pullthrough at {url}")
+    print(stats.summarize(text))
+    return 0
 
 
 def serve(settings: Settings) -> int:
@@ -110,6 +135,11 @@ def serve(settings: Settings) -> int:
     if settings.workers == 1:
         _run_worker(settings)
         return 0
+    # Workers share their counters through files here, so that a scrape of any
+    # worker reports the whole server.
+    own_dir = MULTIPROCESS_ENV not in os.environ
+    if own_dir:
+        os.environ[MULTIPROCESS_ENV] = tempfile.mkdtemp(prefix="pullthrough-metrics-")
     context = multiprocessing.get_context("spawn")
     workers = [
         context.Process(target=_run_worker, args=(settings,), name=f"worker-{i}")
@@ -128,15 +158,14 @@ def serve(settings: Settings) -> int:
     signal.signal(signal.SIGINT, stop)
     for worker in workers:
         worker.join()
+    if own_dir:
+        shutil.rmtree(os.environ[MULTIPROCESS_ENV], ignore_errors=True)
     return 0
 
 
 def _run_worker(settings: Settings) -> None:
     if multiprocessing.parent_process() is not None:
-        logging.basicConfig(
-            level=settings.log_level.upper(),
-            format=f"%(asctime)s %(levelname)s [{os.getpid()}] %(name)s %(message)s",
-        )
+        configure_logs(settings.log_level, settings.log_format)
     loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
     with contextlib.suppress(ImportError):
         import uvloop  # optional: a faster event loop
@@ -147,7 +176,11 @@ def _run_worker(settings: Settings) -> None:
 
 
 async def _serve_forever(settings: Settings) -> None:
-    runner = web.AppRunner(create_app(settings), access_log=logging.getLogger("pullthrough.access"))
+    runner = web.AppRunner(
+        create_app(settings),
+        access_log=logging.getLogger("pullthrough.access"),
+        access_log_class=AccessLogger,
+    )
     await runner.setup()
     site = web.TCPSite(
         runner, settings.host, settings.port, reuse_port=settings.workers > 1, backlog=1024

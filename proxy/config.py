@@ -58,6 +58,8 @@ class Settings:
     # Worker processes sharing the port (SO_REUSEPORT) and the cache.
     workers: int = 1
     log_level: str = "INFO"
+    # "text" for people, "json" (one object a line) for log pipelines.
+    log_format: str = "text"
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -74,6 +76,8 @@ class Settings:
             raise ConfigError(f"tag_ttl must be 0 or more seconds, not {self.tag_ttl}")
         if not 1 <= self.workers <= 64:
             raise ConfigError(f"workers must be 1-64, not {self.workers}")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format must be text or json, not {self.log_format!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR: {self.log_level}")
 

@@ -11,3 +11,5 @@ from proxy.mirror import Mirror
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 MIRROR = web.AppKey("mirror", Mirror)
+# Where a request's bytes came from: "cache", "stale" or "upstream".
+SOURCE = web.RequestKey("source", str)

@@ -6,6 +6,7 @@ storage offers, so the route handlers never know where content came from.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -36,6 +37,7 @@ from proxy.upstream import UpstreamClient, raise_for_status
 
 log = logging.getLogger(__name__)
 
+PROBE_SECONDS = 30.0
 # distribution refuses manifests over 4 MiB; so do we, to bound memory.
 MAX_MANIFEST_BYTES = 4 << 20
 
@@ -114,7 +116,9 @@ class Mirror:
         self.manifests = manifests
         self.tags = tags
         self.metrics = metrics
+        self._probe: tuple[float, str] | None = None
         self._upstream_key = str(upstream.base)
+        self._upstream_host = upstream.base.host or ""
         self._manifest_flights: SingleFlight[tuple[str, str, str], StoredManifest] = SingleFlight()
         self._head_flights: SingleFlight[tuple[str, str, str], _UpstreamHead] = SingleFlight()
 
@@ -257,6 +261,25 @@ class Mirror:
             self.metrics.coalesced.labels("manifest").inc()
         return result
 
+    # -- health ---------------------------------------------------------------------
+
+    async def upstream_state(self) -> str:
+        """ "reachable", "unreachable" or "offline"; probed at most every 30 seconds."""
+        if self.offline:
+            return "offline"
+        now = time.monotonic()
+        if self._probe is None or now - self._probe[0] > PROBE_SECONDS:
+            try:
+                status = await self.upstream.ping()
+                state = "reachable" if status < 500 else "unreachable"
+            except UpstreamUnavailable:
+                state = "unreachable"
+            self._probe = (now, state)
+        return self._probe[1]
+
+    async def cache_writable(self) -> bool:
+        return await asyncio.to_thread(self.blobs.layout.writable)
+
     # -- tag listings -------------------------------------------------------------
 
     async def tag_list(self, repository: str, query: dict[str, str]) -> tuple[Listing, str]:
@@ -330,7 +353,9 @@ class Mirror:
             resp.release()
 
     def _count_upstream(self, resp: aiohttp.ClientResponse) -> None:
-        self.metrics.upstream_requests.labels(resp.method, f"{resp.status // 100}xx").inc()
+        self.metrics.upstream_requests.labels(
+            self._upstream_host, resp.method, str(resp.status)
+        ).inc()
 
 
 @dataclass(frozen=True, slots=True)

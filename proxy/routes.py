@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import time
 
 from aiohttp import web
 
@@ -12,7 +14,7 @@ from cache.digests import Digest
 from cache.errors import DownloadFailed
 from proxy import names
 from proxy.errors import PaginationInvalid, RangeInvalid, Unsupported
-from proxy.keys import METRICS, MIRROR, SETTINGS
+from proxy.keys import METRICS, MIRROR, SETTINGS, SOURCE
 from proxy.mirror import ManifestAnswer
 from proxy.names import Reference
 
@@ -24,8 +26,6 @@ _TAGS = re.compile(r"^(?P<name>.+)/tags/list$")
 _UPLOADS = re.compile(r"^.+/blobs/uploads(/.*)?$")
 _RESULT = {"cache": "hit", "stale": "stale", "upstream": "miss"}
 MAX_TAGS_PAGE = 10_000
-# Where a request's bytes came from, for the served-bytes counter.
-SOURCE = web.RequestKey("source", str)
 # How often a reader may start over when the download it followed in another
 # process was abandoned before sending it anything.
 FOLLOW_ATTEMPTS = 3
@@ -36,7 +36,7 @@ async def ping(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = request.app[METRICS].exposition()
+    body = await asyncio.to_thread(request.app[METRICS].exposition)
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
 
 
@@ -46,7 +46,8 @@ async def registry(request: web.Request) -> web.StreamResponse:
     if request.method not in ("GET", "HEAD") or _UPLOADS.match(path):
         raise Unsupported(f"{request.method} /v2/{path}")
     settings = request.app[SETTINGS]
-    counter = request.app[METRICS].requests
+    metrics = request.app[METRICS]
+    started = time.monotonic()
     response: web.StreamResponse
     if (match := _ROUTE.match(path)) is not None:
         kind = "manifest" if match["kind"] == "manifests" else "blob"
@@ -63,9 +64,11 @@ async def registry(request: web.Request) -> web.StreamResponse:
         else:
             response = await tag_list(request, repository)
     except Exception:
-        counter.labels(kind, "error").inc()
+        metrics.requests.labels(kind, "error").inc()
         raise
-    counter.labels(kind, _RESULT.get(request.get(SOURCE, ""), "miss")).inc()
+    finally:
+        metrics.duration.labels(kind).observe(time.monotonic() - started)
+    metrics.requests.labels(kind, _RESULT.get(request.get(SOURCE, ""), "miss")).inc()
     return response
 
 
@@ -146,6 +149,8 @@ async def blob(request: web.Request, repository: str, digest: Digest) -> web.Str
                 raise
             continue
         request[SOURCE] = "upstream"
+        if tracker.joined:
+            request.app[METRICS].coalesced.labels("blob").inc()
         return await _stream(request, digest, tracker, size)
     raise DownloadFailed(f"could not follow the download of {digest}")
 
@@ -200,7 +205,27 @@ async def count_served_bytes(request: web.Request, response: web.StreamResponse)
         request.app[METRICS].served_bytes.labels(origin).inc(response.content_length or 0)
 
 
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready when the cache is writable. The upstream is reported, not required:
+    a mirror serving its cache while the upstream is down is doing its job."""
+    mirror = request.app[MIRROR]
+    writable = await mirror.cache_writable()
+    body = {
+        "status": "ready" if writable else "not ready",
+        "cache": "writable" if writable else "not writable",
+        "upstream": await mirror.upstream_state(),
+    }
+    return web.json_response(body, status=200 if writable else 503)
+
+
 def add_routes(app: web.Application) -> None:
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/v2/", ping)
     app.router.add_get("/v2", ping)
     app.router.add_get("/metrics", metrics)

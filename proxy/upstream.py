@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 USER_AGENT = "pullthrough/0.1"
 MAX_REDIRECTS = 5
+PING_SECONDS = 3.0
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
@@ -140,6 +141,18 @@ class UpstreamClient:
                     continue
             return resp
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def ping(self) -> int:
+        """The status ``GET /v2/`` answers with (401 counts as reachable)."""
+        try:
+            async with self._session.get(
+                self.base.with_path("/v2/"),
+                timeout=aiohttp.ClientTimeout(total=PING_SECONDS),
+                allow_redirects=False,
+            ) as resp:
+                return resp.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamUnavailable(f"{self.base.host}: {exc!r}") from exc
 
     async def _send(
         self, method: str, url: URL, headers: CIMultiDict[str], authorization: str | None

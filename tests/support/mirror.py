@@ -93,6 +93,7 @@ class MirrorProcess:
                     return
             except OSError:
                 time.sleep(0.05)
+        self.kill()  # a mirror that never answered must not outlive the test
         raise RuntimeError(f"mirror did not start: {self.log.read_text()}")
 
     def kill(self) -> None:

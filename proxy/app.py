@@ -46,6 +46,9 @@ async def _mirror(app: web.Application) -> AsyncIterator[None]:
         session,
         on_token=metrics.tokens_fetched.labels(host).inc,
         on_ratelimit=ratelimit,
+        on_response=lambda method, status: metrics.upstream_requests.labels(
+            host, method, str(status)
+        ).inc(),
     )
     metrics.watch_cache(lambda: CacheUsage(*layout.usage()))
     app[MIRROR] = Mirror(

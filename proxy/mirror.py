@@ -118,7 +118,6 @@ class Mirror:
         self.metrics = metrics
         self._probe: tuple[float, str] | None = None
         self._upstream_key = str(upstream.base)
-        self._upstream_host = upstream.base.host or ""
         self._manifest_flights: SingleFlight[tuple[str, str, str], StoredManifest] = SingleFlight()
         self._head_flights: SingleFlight[tuple[str, str, str], _UpstreamHead] = SingleFlight()
 
@@ -209,7 +208,6 @@ class Mirror:
     ) -> _UpstreamHead:
         async def call() -> _UpstreamHead:
             resp = await self.upstream.request("HEAD", repository, "manifests", reference, accept)
-            self._count_upstream(resp)
             try:
                 await raise_for_status(resp, "manifests", reference)
                 digest = resp.headers.get("Docker-Content-Digest")
@@ -234,7 +232,6 @@ class Mirror:
     ) -> StoredManifest:
         async def call() -> StoredManifest:
             resp = await self.upstream.request("GET", repository, "manifests", reference, accept)
-            self._count_upstream(resp)
             try:
                 await raise_for_status(resp, "manifests", reference)
                 data = await _read_limited(resp, MAX_MANIFEST_BYTES)
@@ -294,7 +291,6 @@ class Mirror:
             resp = await self.upstream.request(
                 "GET", repository, "tags", "list", accept=("application/json",), query=query
             )
-            self._count_upstream(resp)
             try:
                 await raise_for_status(resp, "tags", "list")
                 body = await _read_limited(resp, MAX_MANIFEST_BYTES)
@@ -325,7 +321,6 @@ class Mirror:
             self.metrics.downloads_in_flight.inc()
             try:
                 resp = await self.upstream.request("GET", repository, "blobs", str(digest))
-                self._count_upstream(resp)
                 try:
                     await raise_for_status(resp, "blobs", str(digest))
                     await sink.begin(resp.content_length)
@@ -345,17 +340,11 @@ class Mirror:
         if self.offline:
             raise BlobUnknown(f"{digest} is not cached (offline mode)")
         resp = await self.upstream.request("HEAD", repository, "blobs", str(digest))
-        self._count_upstream(resp)
         try:
             await raise_for_status(resp, "blobs", str(digest))
             return BlobHead(resp.content_length, "upstream")
         finally:
             resp.release()
-
-    def _count_upstream(self, resp: aiohttp.ClientResponse) -> None:
-        self.metrics.upstream_requests.labels(
-            self._upstream_host, resp.method, str(resp.status)
-        ).inc()
 
 
 @dataclass(frozen=True, slots=True)

@@ -91,8 +91,10 @@ class UpstreamClient:
         *,
         on_token: Callable[[], None] = lambda: None,
         on_ratelimit: Callable[[RateLimit], None] = lambda _: None,
+        on_response: Callable[[str, int], None] = lambda method, status: None,
     ) -> None:
         self.base = settings.upstream
+        self._on_response = on_response
         self.ratelimit: RateLimit | None = None
         self._on_ratelimit = on_ratelimit
         self._session = session
@@ -100,7 +102,6 @@ class UpstreamClient:
         if settings.upstream_username is not None and settings.upstream_password is not None:
             credentials = Credentials(settings.upstream_username, settings.upstream_password)
         self.auth = TokenAuth(session, self.base, credentials, on_token=on_token)
-        self.requests_sent = 0
 
     def url(self, repository: str, kind: str, reference: str) -> URL:
         return self.base.with_path(f"/v2/{repository}/{kind}/{reference}")
@@ -163,11 +164,11 @@ class UpstreamClient:
             # redirect goes to a CDN with its own signed URL).
             if authorization is not None and same_origin(url, self.base):
                 sent["Authorization"] = authorization
-            self.requests_sent += 1
             try:
                 resp = await self._session.request(method, url, headers=sent, allow_redirects=False)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 raise UpstreamUnavailable(f"{method} {url.host}: {exc!r}") from exc
+            self._on_response(method, resp.status)
             ratelimit = parse_ratelimit(resp.headers)
             if ratelimit is not None:
                 self.ratelimit = ratelimit

@@ -18,10 +18,9 @@ from pathlib import Path
 from aiohttp import web
 
 from cache.blobs import BlobStore
-from cache.layout import Layout
 from metrics import MULTIPROCESS_ENV
 from proxy import stats
-from proxy.app import create_app
+from proxy.app import create_app, layouts
 from proxy.config import ConfigError, Settings, load_settings
 from proxy.logs import AccessLogger
 from proxy.logs import configure as configure_logs
@@ -118,17 +117,18 @@ def show_stats(url: str) -> int:
 
 
 def serve(settings: Settings) -> int:
-    layout = Layout(settings.cache_dir.resolve())
-    layout.create()
     # Before any worker runs: nothing can be writing yet, so every temp file
     # here is a crash's leftover.
-    removed = BlobStore(layout).remove_stale()
+    removed = 0
+    for layout in {layout.root: layout for layout in layouts(settings).values()}.values():
+        layout.create()
+        removed += BlobStore(layout).remove_stale()
     log.info(
         "pullthrough mirroring %s on http://%s:%d, cache %s, %d worker(s)%s",
-        settings.upstream,
+        ", ".join(f"{u.name}={u.url}" for u in settings.all_upstreams()),
         settings.host,
         settings.port,
-        layout.root,
+        settings.cache_dir.resolve(),
         settings.workers,
         f", removed {removed} stale temp files" if removed else "",
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,11 +21,91 @@ from yarl import URL
 log = logging.getLogger(__name__)
 
 DOCKER_HUB = URL("https://registry-1.docker.io")
+DOCKER_HUB_NAME = "docker.io"
+# Names clients use for Docker Hub; all of them mean the default upstream.
+DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
 ENV_PREFIX = "PULLTHROUGH_"
+# host[:port] as it stands first in an image reference ("ghcr.io", "registry.local:5000").
+_HOST = re.compile(
+    r"^(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*(?::[0-9]{1,5})?$"
+)
 
 
 class ConfigError(Exception):
     """A setting has a value we cannot run with."""
+
+
+def _check_url(what: str, url: URL) -> None:
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ConfigError(f"{what} must be an http(s) URL, not {url}")
+    if url.path not in ("", "/") or url.query_string:
+        raise ConfigError(f"{what} must be scheme://host[:port], not {url}")
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    """One registry the mirror serves, under the name clients use for it."""
+
+    # The host name in image references: "docker.io", "ghcr.io", "quay.io".
+    name: str
+    url: URL
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    # None: the server-wide tag_ttl and offline settings.
+    tag_ttl: float | None = None
+    offline: bool | None = None
+    # Docker Hub's rule: one-part names live under library/.
+    library_prefix: bool = False
+
+    def __post_init__(self) -> None:
+        if not _HOST.match(self.name):
+            raise ConfigError(f"upstream name must be a host[:port], not {self.name!r}")
+        _check_url(f"upstream {self.name} url", self.url)
+        if (self.username is None) != (self.password is None):
+            raise ConfigError(f"upstream {self.name}: username and password go together")
+        if self.tag_ttl is not None and self.tag_ttl < 0:
+            raise ConfigError(f"upstream {self.name}: tag_ttl must be 0 or more")
+
+    @property
+    def has_credentials(self) -> bool:
+        return self.username is not None
+
+
+def _upstream_from(name: str, table: Mapping[str, Any]) -> UpstreamSettings:
+    known = {"url", "username", "password", "tag_ttl", "offline", "library_prefix"}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ConfigError(f"upstream {name}: unknown setting(s) {', '.join(unknown)}")
+    try:
+        return UpstreamSettings(
+            name=name,
+            url=URL(str(table.get("url", f"https://{name}")).rstrip("/")),
+            username=None if table.get("username") is None else str(table["username"]),
+            password=None if table.get("password") is None else str(table["password"]),
+            tag_ttl=None if table.get("tag_ttl") is None else float(table["tag_ttl"]),
+            offline=None if table.get("offline") is None else _boolean(table["offline"]),
+            library_prefix=_boolean(table.get("library_prefix", False)),
+        )
+    except ValueError as exc:
+        raise ConfigError(f"upstream {name}: {exc}") from None
+
+
+def parse_upstreams(value: Any) -> tuple[UpstreamSettings, ...]:
+    """From the config file's ``[upstreams."ghcr.io"]`` tables, or a comma-separated
+    list of host names (environment, flag) for anonymous HTTPS upstreams."""
+    if isinstance(value, tuple):
+        return value
+    if isinstance(value, str):
+        names = [n.strip() for n in value.split(",") if n.strip()]
+        return tuple(_upstream_from(n, {}) for n in names)
+    if isinstance(value, Mapping):
+        out = []
+        for name, table in value.items():
+            if not isinstance(table, Mapping):
+                raise ConfigError(f'upstreams."{name}" must be a table')
+            out.append(_upstream_from(str(name), table))
+        return tuple(out)
+    raise ConfigError("upstreams must be a table of registries or a list of host names")
 
 
 @dataclass(frozen=True)
@@ -37,6 +118,10 @@ class Settings:
     # The registry we mirror. Docker Hub's name rules (library/ for one-part
     # names) apply to it.
     upstream: URL = DOCKER_HUB
+    # More registries, each under the host name clients use for it (ghcr.io,
+    # quay.io, ...), reached by containerd's ?ns=<host> or a /v2/<host>/... path
+    # prefix. Anything not listed is refused: the mirror is no open proxy.
+    upstreams: tuple[UpstreamSettings, ...] = ()
     # Give one-part names Docker Hub's "library/" prefix ("alpine" is
     # "library/alpine"): right for Docker Hub and registries laid out like it.
     library_prefix: bool = True
@@ -64,10 +149,14 @@ class Settings:
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be 1-65535, not {self.port}")
-        if self.upstream.scheme not in ("http", "https") or not self.upstream.host:
-            raise ConfigError(f"upstream must be an http(s) URL, not {self.upstream}")
-        if self.upstream.path not in ("", "/") or self.upstream.query_string:
-            raise ConfigError(f"upstream must be scheme://host[:port], not {self.upstream}")
+        _check_url("upstream", self.upstream)
+        names = [u.name for u in self.upstreams]
+        duplicate = {n for n in names if names.count(n) > 1} | (set(names) & DOCKER_HUB_ALIASES)
+        if duplicate:
+            raise ConfigError(
+                f"upstream(s) {', '.join(sorted(duplicate))} named twice "
+                "(docker.io is the default upstream: set `upstream` for it)"
+            )
         if (self.upstream_username is None) != (self.upstream_password is None):
             raise ConfigError("upstream_username and upstream_password go together")
         if self.connect_timeout <= 0 or self.read_timeout <= 0:
@@ -80,6 +169,17 @@ class Settings:
             raise ConfigError(f"log_format must be text or json, not {self.log_format!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR: {self.log_level}")
+
+    def all_upstreams(self) -> tuple[UpstreamSettings, ...]:
+        """The default upstream (as docker.io) first, then the configured ones."""
+        default = UpstreamSettings(
+            name=DOCKER_HUB_NAME,
+            url=self.upstream,
+            username=self.upstream_username,
+            password=self.upstream_password,
+            library_prefix=self.library_prefix,
+        )
+        return (default, *self.upstreams)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
@@ -98,6 +198,8 @@ def _convert(name: str, value: Any) -> Any:
             return Path(value)
         if isinstance(default, URL):
             return URL(str(value).rstrip("/"))
+        if name == "upstreams":
+            return parse_upstreams(value)
     except ValueError as exc:
         raise ConfigError(f"{name}: {value!r} is not a valid value ({exc})") from None
     return None if value is None else str(value)

@@ -56,6 +56,10 @@ class NameUnknown(RegistryError):
     code, status, message = "NAME_UNKNOWN", 404, "repository name not known to registry"
 
 
+class UpstreamUnknown(RegistryError):
+    code, status, message = "NAME_UNKNOWN", 404, "registry not configured on this mirror"
+
+
 class NameInvalid(RegistryError):
     code, status, message = "NAME_INVALID", 400, "invalid repository name"
 

@@ -6,10 +6,12 @@ from aiohttp import web
 
 from metrics import Metrics
 from proxy.config import Settings
-from proxy.mirror import Mirror
+from proxy.mirror import Mirrors
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
-MIRROR = web.AppKey("mirror", Mirror)
+MIRRORS = web.AppKey("mirrors", Mirrors)
 # Where a request's bytes came from: "cache", "stale" or "upstream".
 SOURCE = web.RequestKey("source", str)
+# The ?ns= a request was routed by, echoed back as OCI-Namespace.
+NAMESPACE = web.RequestKey("namespace", str)

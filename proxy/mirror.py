@@ -10,7 +10,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from cache.index import Listing, TagEntry, TagIndex
 from cache.inflight import SingleFlight
 from cache.manifests import ManifestStore, StoredManifest
 from metrics import Metrics
+from proxy.config import DOCKER_HUB_ALIASES
 from proxy.errors import (
     BlobUnknown,
     ManifestTooLarge,
@@ -108,7 +109,10 @@ class Mirror:
         *,
         tag_ttl: float = 300.0,
         offline: bool = False,
+        library_prefix: bool = False,
     ) -> None:
+        self.name = upstream.name
+        self.library_prefix = library_prefix
         self.upstream = upstream
         self.tag_ttl = tag_ttl
         self.offline = offline
@@ -373,3 +377,20 @@ async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes:
         if len(data) > limit:
             raise ManifestTooLarge(f"more than {limit} bytes")
     return bytes(data)
+
+
+class Mirrors:
+    """Every configured upstream's mirror, found by the host name clients use."""
+
+    def __init__(self, default: Mirror, others: Sequence[Mirror] = ()) -> None:
+        self.default = default
+        self._by_name = {m.name: m for m in others}
+
+    def find(self, name: str) -> Mirror | None:
+        if name.lower() in DOCKER_HUB_ALIASES:
+            return self.default
+        return self._by_name.get(name.lower())
+
+    def __iter__(self) -> Iterator[Mirror]:
+        yield self.default
+        yield from self._by_name.values()

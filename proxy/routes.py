@@ -13,9 +13,9 @@ from cache.blobs import Tracker
 from cache.digests import Digest
 from cache.errors import DownloadFailed
 from proxy import names
-from proxy.errors import PaginationInvalid, RangeInvalid, Unsupported
-from proxy.keys import METRICS, MIRROR, SETTINGS, SOURCE
-from proxy.mirror import ManifestAnswer
+from proxy.errors import PaginationInvalid, RangeInvalid, Unsupported, UpstreamUnknown
+from proxy.keys import METRICS, MIRRORS, NAMESPACE, SOURCE
+from proxy.mirror import ManifestAnswer, Mirror
 from proxy.names import Reference
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,6 @@ async def registry(request: web.Request) -> web.StreamResponse:
     path = request.match_info["path"]
     if request.method not in ("GET", "HEAD") or _UPLOADS.match(path):
         raise Unsupported(f"{request.method} /v2/{path}")
-    settings = request.app[SETTINGS]
     metrics = request.app[METRICS]
     started = time.monotonic()
     response: web.StreamResponse
@@ -56,13 +55,14 @@ async def registry(request: web.Request) -> web.StreamResponse:
     else:
         raise web.HTTPNotFound()
     try:
-        repository = names.repository(match["name"], docker_hub_rules=settings.library_prefix)
+        mirror, name = route(request, match["name"])
+        repository = names.repository(name, docker_hub_rules=mirror.library_prefix)
         if kind == "manifest":
-            response = await manifest(request, repository, Reference.parse(match["ref"]))
+            response = await manifest(request, mirror, repository, Reference.parse(match["ref"]))
         elif kind == "blob":
-            response = await blob(request, repository, Digest.parse(match["ref"]))
+            response = await blob(request, mirror, repository, Digest.parse(match["ref"]))
         else:
-            response = await tag_list(request, repository)
+            response = await tag_list(request, mirror, repository)
     except Exception:
         metrics.requests.labels(kind, "error").inc()
         raise
@@ -72,7 +72,39 @@ async def registry(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def tag_list(request: web.Request, repository: str) -> web.Response:
+def route(request: web.Request, name: str) -> tuple[Mirror, str]:
+    """Which upstream a request is for, and the repository name there.
+
+    containerd's ``?ns=<host>`` names it (distribution-spec "Registry Proxying");
+    otherwise a first path component that is a host (``/v2/ghcr.io/owner/app/...``,
+    for clients that cannot send ``ns``); otherwise Docker Hub. A host that is not
+    configured is refused before anything leaves the mirror.
+    """
+    mirrors = request.app[MIRRORS]
+    ns = request.query.get("ns")
+    if ns is not None:
+        mirror = mirrors.find(ns)
+        if mirror is None:
+            raise UpstreamUnknown(ns)
+        request[NAMESPACE] = ns
+        return mirror, name
+    first, slash, rest = name.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        mirror = mirrors.find(first)
+        if mirror is None:
+            raise UpstreamUnknown(first)
+        return mirror, rest
+    return mirrors.default, name
+
+
+async def answer_namespace(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: echo the ``ns`` a request was scoped by."""
+    ns = request.get(NAMESPACE)
+    if ns is not None:
+        response.headers["OCI-Namespace"] = ns
+
+
+async def tag_list(request: web.Request, mirror: Mirror, repository: str) -> web.Response:
     if request.method == "HEAD":
         raise Unsupported("HEAD of a tag list")
     query: dict[str, str] = {}
@@ -83,7 +115,7 @@ async def tag_list(request: web.Request, repository: str) -> web.Response:
         query["n"] = str(int(n))
     if "last" in request.query:
         query["last"] = str(Reference.parse(request.query["last"]))
-    listing, source = await request.app[MIRROR].tag_list(repository, query)
+    listing, source = await mirror.tag_list(repository, query)
     request[SOURCE] = source
     headers = dict(API_VERSION)
     if listing.link is not None:
@@ -91,9 +123,11 @@ async def tag_list(request: web.Request, repository: str) -> web.Response:
     return web.Response(body=listing.body, headers=headers, content_type="application/json")
 
 
-async def manifest(request: web.Request, repository: str, reference: Reference) -> web.Response:
+async def manifest(
+    request: web.Request, mirror: Mirror, repository: str, reference: Reference
+) -> web.Response:
     head = request.method == "HEAD"
-    answer = await request.app[MIRROR].manifest(
+    answer = await mirror.manifest(
         repository, reference, request.headers.getall("Accept", []), head=head
     )
     request[SOURCE] = answer.source
@@ -124,8 +158,9 @@ def _blob_headers(digest: Digest) -> dict[str, str]:
     }
 
 
-async def blob(request: web.Request, repository: str, digest: Digest) -> web.StreamResponse:
-    mirror = request.app[MIRROR]
+async def blob(
+    request: web.Request, mirror: Mirror, repository: str, digest: Digest
+) -> web.StreamResponse:
     if request.method == "HEAD":
         head = await mirror.blob_head(repository, digest)
         request[SOURCE] = head.source
@@ -213,13 +248,17 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """Ready when the cache is writable. The upstream is reported, not required:
     a mirror serving its cache while the upstream is down is doing its job."""
-    mirror = request.app[MIRROR]
-    writable = await mirror.cache_writable()
-    body = {
+    registry = request.app[MIRRORS]
+    mirrors = list(registry)
+    writable = all(await asyncio.gather(*(m.cache_writable() for m in mirrors)))
+    states = await asyncio.gather(*(m.upstream_state() for m in mirrors))
+    body: dict[str, object] = {
         "status": "ready" if writable else "not ready",
         "cache": "writable" if writable else "not writable",
-        "upstream": await mirror.upstream_state(),
+        "upstream": states[0],
     }
+    if len(mirrors) > 1:
+        body["upstreams"] = {m.name: state for m, state in zip(mirrors, states, strict=True)}
     return web.json_response(body, status=200 if writable else 503)
 
 

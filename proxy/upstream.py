@@ -15,7 +15,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.auth import Credentials, TokenAuth, parse_challenge
-from proxy.config import Settings
+from proxy.config import Settings, UpstreamSettings
 from proxy.errors import (
     BlobUnknown,
     Denied,
@@ -86,21 +86,22 @@ def new_session(settings: Settings) -> aiohttp.ClientSession:
 class UpstreamClient:
     def __init__(
         self,
-        settings: Settings,
+        upstream: UpstreamSettings,
         session: aiohttp.ClientSession,
         *,
         on_token: Callable[[], None] = lambda: None,
         on_ratelimit: Callable[[RateLimit], None] = lambda _: None,
         on_response: Callable[[str, int], None] = lambda method, status: None,
     ) -> None:
-        self.base = settings.upstream
+        self.name = upstream.name
+        self.base = upstream.url
         self._on_response = on_response
         self.ratelimit: RateLimit | None = None
         self._on_ratelimit = on_ratelimit
         self._session = session
         credentials = None
-        if settings.upstream_username is not None and settings.upstream_password is not None:
-            credentials = Credentials(settings.upstream_username, settings.upstream_password)
+        if upstream.username is not None and upstream.password is not None:
+            credentials = Credentials(upstream.username, upstream.password)
         self.auth = TokenAuth(session, self.base, credentials, on_token=on_token)
 
     def url(self, repository: str, kind: str, reference: str) -> URL:

@@ -32,9 +32,9 @@ from typing import Any, Self
 import pytest
 
 from tests.support.binaries import require_binary
-from tests.support.images import Image
+from tests.support.images import Image, make_image
 from tests.support.mirror import MirrorProcess
-from tests.support.registry import AccessLogEntry, Registry
+from tests.support.registry import AccessLogEntry, Registry, RegistryFactory
 
 PLATFORM = "linux/amd64"
 ALPINE = "library/alpine:3.19"
@@ -547,3 +547,41 @@ def test_dockerd_pulls_through_the_mirror(
         assert_warm_pull(upstream.requests_since(mark))
         for name, ref in pulls.items():
             check(name, upstream.images[ref])
+
+
+def test_containerd_default_hosts_reach_a_second_registry_by_ns(
+    upstream: Registry,
+    make_registry: RegistryFactory,
+    short_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """One `_default` hosts.toml sends every registry to the mirror with ?ns=<host>."""
+    ctr = require_binary("ctr")
+    require_root("containerd")
+    image = make_image("team/app", "1", seed="beta via containerd")
+    beta = make_registry(seed=[image])
+    config = tmp_path / "pullthrough.toml"
+    config.write_text(f'[upstreams."beta.example"]\nurl = "{beta.url}"\n')
+    mirror = MirrorProcess(tmp_path / "cache", upstream.url, config=config)
+    mirror.start()
+    hosts = tmp_path / "hosts"
+    (hosts / "_default").mkdir(parents=True)
+    (hosts / "_default" / "hosts.toml").write_text(
+        f'[host."{mirror.url}"]\n  capabilities = ["pull", "resolve"]\n'
+    )
+    env = base_env(tmp_path / "home")
+    ref = "beta.example/team/app:1"
+    try:
+        with contextlib.ExitStack() as stack:
+            sock = start_containerd(stack, short_dir / "containerd", tmp_path / "containerd.log")
+            ctr_ = [ctr, "--address", str(sock)]
+            hub_mark, beta_mark = upstream.mark(), beta.mark()
+            pull = ["images", "pull", "--hosts-dir", str(hosts), "--plain-http"]
+            run([*ctr_, *pull, "--platform", PLATFORM, "--snapshotter", "native", ref], env)
+            listed = run([*ctr_, "images", "ls"], env).splitlines()[1:]
+            assert any(line.split()[:1] == [ref] and image.digest in line for line in listed)
+            assert upstream.requests_since(hub_mark) == []
+            fetched = blob_gets(beta.requests_since(beta_mark))
+            assert sorted(fetched) == sorted(b.digest for b in image.blobs_of(image.top))
+    finally:
+        mirror.stop()

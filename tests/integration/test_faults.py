@@ -282,8 +282,8 @@ async def test_rate_limit_headers_become_gauges(
         assert resp.status == 200
     async with mirror.get("/metrics") as resp:
         text = await resp.text()
-    assert 'pullthrough_upstream_ratelimit_limit{upstream="127.0.0.1"} 100.0' in text
-    assert 'pullthrough_upstream_ratelimit_remaining{upstream="127.0.0.1"} 42.0' in text
+    assert 'pullthrough_upstream_ratelimit_limit{upstream="docker.io"} 100.0' in text
+    assert 'pullthrough_upstream_ratelimit_remaining{upstream="docker.io"} 42.0' in text
 
 
 async def test_revalidations_reuse_one_token(

@@ -55,7 +55,7 @@ def test_cold_then_warm_pull_counts_hits_misses_and_bytes(
         assert value(cold, "pullthrough_requests_total", kind="blob", result="miss") == len(blobs)
         assert value(cold, "pullthrough_requests_total", kind="blob", result="hit") == 0
         assert value(cold, "pullthrough_served_bytes_total", source="upstream") >= blob_bytes
-        host = "127.0.0.1"
+        host = "docker.io"
         assert (
             value(
                 cold,

@@ -53,7 +53,9 @@ class MirrorProcess:
         *,
         workers: int = 1,
         env: dict[str, str] | None = None,
+        config: Path | None = None,
     ) -> None:
+        self.config = config
         self.cache_dir = cache_dir
         self.upstream = upstream
         self.workers = workers
@@ -78,6 +80,7 @@ class MirrorProcess:
                     f"--upstream={self.upstream}",
                     f"--workers={self.workers}",
                     "--read-timeout=15",
+                    *([f"--config={self.config}"] if self.config else []),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,

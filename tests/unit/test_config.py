@@ -84,3 +84,53 @@ def test_unknown_environment_is_a_warning_but_unknown_file_keys_an_error(
     config.write_text("prot = 5000\n")
     with pytest.raises(ConfigError, match="unknown setting"):
         load_settings(config_file=config)
+
+
+def test_upstreams_from_file_and_environment(tmp_path: Path) -> None:
+    config = tmp_path / "pullthrough.toml"
+    config.write_text(
+        '[upstreams."ghcr.io"]\n'
+        'username = "bot"\npassword = "s3cret"\ntag_ttl = 60\n'
+        '[upstreams."registry.local:5000"]\nurl = "http://10.0.0.5:5000"\noffline = true\n'
+    )
+    settings = load_settings(config_file=config)
+    default, ghcr, local = settings.all_upstreams()
+    assert (default.name, default.url, default.library_prefix) == ("docker.io", DOCKER_HUB, True)
+    assert (ghcr.url, ghcr.username, ghcr.tag_ttl, ghcr.has_credentials) == (
+        URL("https://ghcr.io"),
+        "bot",
+        60.0,
+        True,
+    )
+    assert "s3cret" not in repr(settings)
+    assert (local.url, local.offline, local.has_credentials) == (
+        URL("http://10.0.0.5:5000"),
+        True,
+        False,
+    )
+    listed = load_settings(environ={"PULLTHROUGH_UPSTREAMS": "quay.io, registry.k8s.io"})
+    assert [(u.name, str(u.url)) for u in listed.upstreams] == [
+        ("quay.io", "https://quay.io"),
+        ("registry.k8s.io", "https://registry.k8s.io"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("docker.io", "named twice"),
+        ("quay.io,quay.io", "named twice"),
+        ("https://quay.io", "host"),
+        ("Quay.IO/x", "host"),
+    ],
+)
+def test_bad_upstreams_are_refused(value: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings(environ={"PULLTHROUGH_UPSTREAMS": value})
+
+
+def test_upstream_table_with_unknown_key_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "pullthrough.toml"
+    config.write_text('[upstreams."ghcr.io"]\nuser = "bot"\n')
+    with pytest.raises(ConfigError, match="unknown setting"):
+        load_settings(config_file=config)

@@ -12,6 +12,7 @@ from aiohttp.web import BaseRequest, Request, StreamResponse
 from proxy.keys import SOURCE
 
 RESULTS = {"cache": "hit", "stale": "stale", "upstream": "miss"}
+QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 class JsonFormatter(logging.Formatter):
@@ -68,7 +69,10 @@ class AccessLogger(AbstractAccessLogger):
             fields["reference"] = parts[-1]
         if source:
             fields["result"] = RESULTS.get(source, source)
-        self.logger.info(
+        # Probes and scrapes come every few seconds: keep them out of INFO.
+        level = logging.DEBUG if request.path in QUIET_PATHS else logging.INFO
+        self.logger.log(
+            level,
             "%s %s %s %s %dB %.1fms",
             request.method,
             request.path,

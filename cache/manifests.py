@@ -23,7 +23,8 @@ class ManifestStore:
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
 
-    def _read(self, digest: Digest) -> StoredManifest | None:
+    def read(self, digest: Digest) -> StoredManifest | None:
+        """Blocking; ``get`` is the same off the event loop."""
         try:
             raw = self.layout.manifest(digest).read_bytes()
         except FileNotFoundError:
@@ -31,7 +32,8 @@ class ManifestStore:
         media_type, _, data = raw.partition(b"\n")
         return StoredManifest(digest, media_type.decode(), data)
 
-    def _write(self, manifest: StoredManifest) -> None:
+    def write(self, manifest: StoredManifest) -> None:
+        """Blocking; ``put`` is the same off the event loop."""
         actual = Digest.of(manifest.data, manifest.digest.algorithm)
         if actual != manifest.digest:
             raise DigestMismatch(str(manifest.digest), str(actual))
@@ -41,8 +43,8 @@ class ManifestStore:
         write_atomic(self.layout.manifest(manifest.digest), self.layout.tmp, record)
 
     async def get(self, digest: Digest) -> StoredManifest | None:
-        return await asyncio.to_thread(self._read, digest)
+        return await asyncio.to_thread(self.read, digest)
 
     async def put(self, manifest: StoredManifest) -> None:
         """Store a manifest after checking its bytes hash to its digest."""
-        await asyncio.to_thread(self._write, manifest)
+        await asyncio.to_thread(self.write, manifest)

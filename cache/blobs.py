@@ -27,6 +27,7 @@ from typing import Protocol
 
 from cache.digests import Digest
 from cache.errors import DigestMismatch, DownloadFailed, SizeMismatch
+from cache.evict import touch_if_stale
 from cache.layout import Layout, fsync_dir, write_atomic
 
 log = logging.getLogger(__name__)
@@ -168,9 +169,16 @@ class Tracker(Protocol):
 
 
 class BlobStore:
-    def __init__(self, layout: Layout, *, read_timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        layout: Layout,
+        *,
+        read_timeout: float = 60.0,
+        on_commit: Callable[[], None] = lambda: None,
+    ) -> None:
         self.layout = layout
         self._read_timeout = read_timeout
+        self._on_commit = on_commit
         self._downloads: dict[Digest, Download] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -180,6 +188,16 @@ class BlobStore:
             return path, path.stat().st_size
         except FileNotFoundError:
             return None
+
+    def hit(self, digest: Digest) -> tuple[Path, int] | None:
+        """Like ``stat``, and records the use for eviction."""
+        path = self.layout.blob(digest)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        touch_if_stale(path, st.st_mtime)
+        return path, st.st_size
 
     @property
     def active_downloads(self) -> int:
@@ -211,6 +229,7 @@ class BlobStore:
             await fetch(BlobSink(download))
             await asyncio.to_thread(writer.commit)
             download.state = State.COMMITTED
+            self._on_commit()
         except BaseException as exc:
             try:
                 await asyncio.shield(asyncio.to_thread(writer.abort))

@@ -103,7 +103,7 @@ def closure(
         for blob in blobs(manifest):
             result.blobs.setdefault(blob.digest, blob.size)
         for child in children(manifest):
-            if platforms is not None and child.platform and not _wanted(child, platforms):
+            if platforms is not None and not platform_wanted(child, platforms):
                 continue
             loaded = load(child.digest)
             if loaded is None:
@@ -115,7 +115,9 @@ def closure(
     return result
 
 
-def _wanted(child: Descriptor, platforms: frozenset[str]) -> bool:
+def platform_wanted(child: Descriptor, platforms: frozenset[str]) -> bool:
+    """Is this child of an index one of ``platforms`` (or platform-less, as
+    attestations are)?"""
     if child.platform is None or child.platform.startswith("unknown/"):
         return True  # attestations and the like ride along
     return any(child.platform == p or child.platform.startswith(p + "/") for p in platforms)

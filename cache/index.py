@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +75,38 @@ class TagIndex:
         value = (listing.body, listing.link, listing.fetched_at)
         key = f"list\0{upstream}\0{repository}\0{query}"
         await asyncio.to_thread(self._cache.set, key, value)
+
+    # -- blocking access, for the command line and background jobs ---------------
+
+    def get_sync(self, upstream: str, repository: str, tag: str, accept: str) -> TagEntry | None:
+        raw = self._cache.get(self._key(upstream, repository, tag, accept))
+        if not isinstance(raw, tuple) or len(raw) != 3:
+            return None
+        digest, media_type, fetched_at = raw
+        return TagEntry(str(digest), str(media_type), float(fetched_at))
+
+    def put_sync(
+        self, upstream: str, repository: str, tag: str, accept: str, entry: TagEntry
+    ) -> None:
+        value = (entry.digest, entry.media_type, entry.fetched_at)
+        self._cache.set(self._key(upstream, repository, tag, accept), value)
+
+    def tags(self) -> Iterator[tuple[str, str, str, str, TagEntry]]:
+        """Every (upstream, repository, tag, accept, entry) recorded."""
+        for key in list(self._cache.iterkeys()):
+            if not isinstance(key, str) or not key.startswith("tag\0"):
+                continue
+            _, upstream, repository, tag, accept = key.split("\0")
+            entry = self.get_sync(upstream, repository, tag, accept)
+            if entry is not None:
+                yield upstream, repository, tag, accept, entry
+
+    def pins(self) -> set[str]:
+        raw = self._cache.get("pins", ())
+        return {str(p) for p in raw} if isinstance(raw, tuple | list | set) else set()
+
+    def set_pins(self, pins: set[str]) -> None:
+        self._cache.set("pins", tuple(sorted(pins)))
 
     def close(self) -> None:
         self._cache.close()

@@ -136,6 +136,18 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.evictions = Counter(
+            "pullthrough_evictions",
+            "Blobs and manifests removed to keep the cache under its size and age limits",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.evicted_bytes = Counter(
+            "pullthrough_evicted_bytes",
+            "Bytes removed to keep the cache under its size and age limits",
+            registry=self.registry,
+        )
+
     def watch_cache(self, measure: Callable[[], CacheUsage]) -> None:
         """Report the cache's size, measured by ``measure`` when scraped."""
         self._cache_collector = _CacheCollector(measure)

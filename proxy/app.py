@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
@@ -15,6 +19,7 @@ from cache.manifests import ManifestStore
 from metrics import CacheUsage, Metrics
 from proxy.config import Settings, UpstreamSettings
 from proxy.errors import oci_errors
+from proxy.housekeeping import Housekeeper
 from proxy.keys import METRICS, MIRRORS, SETTINGS
 from proxy.mirror import Mirror, Mirrors
 from proxy.routes import add_routes, answer_namespace, count_served_bytes
@@ -41,6 +46,11 @@ def layouts(settings: Settings) -> dict[str, Layout]:
     }
 
 
+def index_dir(settings: Settings) -> Path:
+    """The tag index, one for all upstreams (its keys name the upstream)."""
+    return settings.cache_dir.resolve() / "index"
+
+
 def _upstream_client(
     up: UpstreamSettings, session: aiohttp.ClientSession, metrics: Metrics
 ) -> UpstreamClient:
@@ -63,20 +73,31 @@ def _upstream_client(
     )
 
 
-async def _mirrors(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    metrics = app[METRICS]
+@dataclass
+class Resources:
+    """Everything a mirror runs on; the server and the command line share it."""
+
+    mirrors: Mirrors
+    tags: TagIndex
+    housekeeper: Housekeeper
+    layouts: dict[str, Layout]
+
+
+@contextlib.asynccontextmanager
+async def open_mirrors(settings: Settings, metrics: Metrics) -> AsyncIterator[Resources]:
     by_upstream = layouts(settings)
     distinct = list({layout.root: layout for layout in by_upstream.values()}.values())
-    stores: dict[Layout, tuple[BlobStore, ManifestStore]] = {}
     for layout in distinct:
         layout.create()
-        blobs = BlobStore(layout, read_timeout=settings.read_timeout)
+    tags = TagIndex(index_dir(settings))
+    housekeeper = Housekeeper(settings, by_upstream, tags, metrics)
+    stores: dict[Layout, tuple[BlobStore, ManifestStore]] = {}
+    for layout in distinct:
+        blobs = BlobStore(layout, read_timeout=settings.read_timeout, on_commit=housekeeper.poke)
         removed = blobs.remove_stale()
         if removed:
             log.info("removed %d temp files left by an earlier run in %s", removed, layout.root)
         stores[layout] = (blobs, ManifestStore(layout))
-    tags = TagIndex(distinct[0].index)
     session = new_session(settings)
     mirrors = []
     for up in settings.all_upstreams():
@@ -93,15 +114,8 @@ async def _mirrors(app: web.Application) -> AsyncIterator[None]:
                 library_prefix=up.library_prefix,
             )
         )
-    app[MIRRORS] = Mirrors(mirrors[0], mirrors[1:])
-
-    def usage() -> CacheUsage:
-        counts = [layout.usage() for layout in distinct]
-        return CacheUsage(*(sum(c[i] for c in counts) for i in range(3)))
-
-    metrics.watch_cache(usage)
     try:
-        yield
+        yield Resources(Mirrors(mirrors[0], mirrors[1:]), tags, housekeeper, by_upstream)
     finally:
         for blobs, _ in stores.values():
             await blobs.close()
@@ -109,11 +123,36 @@ async def _mirrors(app: web.Application) -> AsyncIterator[None]:
         tags.close()
 
 
+async def _serve_mirrors(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    metrics = app[METRICS]
+    async with open_mirrors(settings, metrics) as resources:
+        app[MIRRORS] = resources.mirrors
+        distinct = resources.housekeeper.distinct_layouts()
+
+        def usage() -> CacheUsage:
+            counts = [layout.usage() for layout in distinct]
+            return CacheUsage(*(sum(c[i] for c in counts) for i in range(3)))
+
+        metrics.watch_cache(usage)
+        evictor = None
+        if resources.housekeeper.limited:
+            evictor = asyncio.create_task(resources.housekeeper.run_forever())
+            resources.housekeeper.poke()  # check the limits once at start-up
+        try:
+            yield
+        finally:
+            if evictor is not None:
+                evictor.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await evictor
+
+
 def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
     app = web.Application(middlewares=[oci_errors], client_max_size=64 * 1024)
     app[SETTINGS] = settings
     app[METRICS] = metrics or Metrics()
-    app.cleanup_ctx.append(_mirrors)
+    app.cleanup_ctx.append(_serve_mirrors)
     app.on_response_prepare.append(count_served_bytes)
     app.on_response_prepare.append(answer_namespace)
     add_routes(app)

@@ -140,6 +140,14 @@ class Settings:
     # Never contact the upstream: serve what is cached, MANIFEST_UNKNOWN or
     # BLOB_UNKNOWN for the rest (air-gapped sites).
     offline: bool = False
+    # Cache size cap in bytes ("50GiB", "500MB" or a number); least recently used
+    # blobs and manifests go first. None: no cap.
+    max_size: int | None = None
+    # Remove what has not been used for this many days. None: keep forever.
+    max_age_days: float | None = None
+    # Images never evicted ("alpine:3.19", "ghcr.io/owner/app:1"), besides those
+    # pinned with `pullthrough cache pin`.
+    pinned: tuple[str, ...] = ()
     # Worker processes sharing the port (SO_REUSEPORT) and the cache.
     workers: int = 1
     log_level: str = "INFO"
@@ -163,6 +171,10 @@ class Settings:
             raise ConfigError("timeouts must be positive")
         if self.tag_ttl < 0:
             raise ConfigError(f"tag_ttl must be 0 or more seconds, not {self.tag_ttl}")
+        if self.max_size is not None and self.max_size <= 0:
+            raise ConfigError(f"max_size must be positive, not {self.max_size}")
+        if self.max_age_days is not None and self.max_age_days <= 0:
+            raise ConfigError(f"max_age_days must be positive, not {self.max_age_days}")
         if not 1 <= self.workers <= 64:
             raise ConfigError(f"workers must be 1-64, not {self.workers}")
         if self.log_format not in ("text", "json"):
@@ -200,9 +212,45 @@ def _convert(name: str, value: Any) -> Any:
             return URL(str(value).rstrip("/"))
         if name == "upstreams":
             return parse_upstreams(value)
+        if name == "max_size":
+            return None if value is None else parse_size(value)
+        if name == "max_age_days":
+            return None if value is None else float(value)
+        if name == "pinned":
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(str(i).strip() for i in items if str(i).strip())
     except ValueError as exc:
         raise ConfigError(f"{name}: {value!r} is not a valid value ({exc})") from None
     return None if value is None else str(value)
+
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "tib": 1024**4,
+}
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from 1073741824, "1GiB", "1.5 GB", "500MiB"."""
+    if isinstance(value, int):
+        return value
+    match = _SIZE.match(str(value))
+    if match is None or match[2].lower() not in _UNITS:
+        raise ValueError(f"not a size: {value!r} (try 50GiB or 500MB)")
+    return int(float(match[1]) * _UNITS[match[2].lower()])
 
 
 def _boolean(value: Any) -> bool:

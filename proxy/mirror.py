@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+from aiocache import SimpleMemoryCache
 
 from cache.blobs import BlobSink, BlobStore, Tracker
 from cache.digests import Digest
@@ -72,6 +73,21 @@ def manifest_media_type(content_type: str | None, data: bytes) -> str:
     return declared or "application/json"
 
 
+# The tag index's Accept key for entries meant for every client.
+ANY_CLIENT = "*"
+# What `pullthrough warm` asks for: everything, so indexes stay whole.
+ACCEPT_ALL = (OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST)
+
+
+def _memory_key(repository: str, tag: str, accept: str) -> str:
+    return f"{repository}\0{tag}\0{accept}"
+
+
+def accepts(accept: Sequence[str], media_type: str) -> bool:
+    types = set(accept_key(accept).split(",")) - {""}
+    return not types or media_type in types or "*/*" in types
+
+
 def accept_key(accept: Sequence[str]) -> str:
     """The set of media types a client accepts, normalised, for keying tag lookups."""
     types = {
@@ -121,6 +137,7 @@ class Mirror:
         self.tags = tags
         self.metrics = metrics
         self._probe: tuple[float, str] | None = None
+        self._recent_tags = SimpleMemoryCache()
         self._upstream_key = str(upstream.base)
         self._manifest_flights: SingleFlight[tuple[str, str, str], StoredManifest] = SingleFlight()
         self._head_flights: SingleFlight[tuple[str, str, str], _UpstreamHead] = SingleFlight()
@@ -157,7 +174,20 @@ class Mirror:
     ) -> ManifestAnswer:
         # Keyed by what the client accepts: the same tag can be a manifest list
         # for one client and a single-platform manifest for another.
-        entry = await self.tags.get(self._upstream_key, repository, tag, accept_key(accept))
+        key = accept_key(accept)
+        memory_key = _memory_key(repository, tag, key)
+        recent = await self._recent_tags.get(memory_key)
+        if isinstance(recent, TagEntry) and recent.age() < self.tag_ttl:
+            known = await self.manifests.get(Digest.parse(recent.digest))
+            if known is not None:
+                return _answer(known, "cache")
+        entry = await self.tags.get(self._upstream_key, repository, tag, key)
+        if entry is None:
+            # Recorded by `pullthrough warm` or `import` for any client, as long
+            # as this one accepts what it is.
+            entry = await self.tags.get(self._upstream_key, repository, tag, ANY_CLIENT)
+            if entry is not None and not accepts(accept, entry.media_type):
+                entry = None
         cached = None
         if entry is not None:
             cached = await self.manifests.get(Digest.parse(entry.digest))
@@ -166,6 +196,7 @@ class Mirror:
             and entry is not None
             and (self.offline or entry.age() < self.tag_ttl)
         ):
+            await self._keep_in_memory(memory_key, entry)
             return _answer(cached, "cache")
         if self.offline:
             raise ManifestUnknown(f"{repository}:{tag} is not cached (offline mode)")
@@ -205,7 +236,23 @@ class Mirror:
         self, repository: str, tag: str, accept: Sequence[str], stored: StoredManifest
     ) -> None:
         entry = TagEntry(str(stored.digest), stored.media_type, time.time())
-        await self.tags.put(self._upstream_key, repository, tag, accept_key(accept), entry)
+        key = accept_key(accept)
+        await self.tags.put(self._upstream_key, repository, tag, key, entry)
+        await self._keep_in_memory(_memory_key(repository, tag, key), entry)
+
+    async def _keep_in_memory(self, key: str, entry: TagEntry) -> None:
+        """Fresh tag entries also live in memory for the rest of their TTL, so a
+        pull inside it costs no SQLite read (the index stays the shared truth)."""
+        left = self.tag_ttl - entry.age()
+        if left > 0 and not self.offline:
+            await self._recent_tags.set(key, entry, ttl=left)
+
+    async def remember_for_everyone(
+        self, repository: str, tag: str, stored: StoredManifest
+    ) -> None:
+        """Record a tag for any client (warm, import), not one Accept set."""
+        entry = TagEntry(str(stored.digest), stored.media_type, time.time())
+        await self.tags.put(self._upstream_key, repository, tag, ANY_CLIENT, entry)
 
     async def _upstream_head(
         self, repository: str, reference: str, accept: Sequence[str]
@@ -314,7 +361,7 @@ class Mirror:
     # -- blobs ------------------------------------------------------------------
 
     def blob_hit(self, digest: Digest) -> tuple[Path, int] | None:
-        return self.blobs.stat(digest)
+        return self.blobs.hit(digest)
 
     def blob_download(self, repository: str, digest: Digest) -> Tracker | None:
         """Follow the upstream download of ``digest``, starting one if none runs."""

@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 
 from cache.digests import Digest
+from proxy.config import DOCKER_HUB_ALIASES, DOCKER_HUB_NAME
 from proxy.errors import NameInvalid, TagInvalid
 
 # distribution-spec "Pulling manifests": <name> and <reference> grammar.
@@ -41,3 +42,42 @@ class Reference:
 
     def __str__(self) -> str:
         return str(self.digest) if self.digest is not None else str(self.tag)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRef:
+    """An image as people write it: ``alpine:3.19``, ``ghcr.io/owner/app@sha256:...``."""
+
+    upstream: str  # the registry's name: "docker.io", "ghcr.io"
+    repository: str  # as the registry knows it ("library/alpine")
+    reference: Reference
+
+    def __str__(self) -> str:
+        sep = "@" if self.reference.digest is not None else ":"
+        return f"{self.upstream}/{self.repository}{sep}{self.reference}"
+
+    @classmethod
+    def parse(cls, raw: str) -> ImageRef:
+        """Docker's reference rules: a first component with a dot or colon (or
+        ``localhost``) is a registry; without one, Docker Hub and ``library/``."""
+        name, at, digest = raw.strip().partition("@")
+        tag = None
+        head, slash, last = name.rpartition("/")
+        if ":" in last:
+            last, tag = last.split(":", 1)
+            name = f"{head}{slash}{last}"
+        first, slash, rest = name.partition("/")
+        if slash and ("." in first or ":" in first or first == "localhost"):
+            upstream, path = first.lower(), rest
+        else:
+            upstream, path = DOCKER_HUB_NAME, name
+        if upstream in DOCKER_HUB_ALIASES:
+            upstream = DOCKER_HUB_NAME
+        repo = repository(path, docker_hub_rules=upstream == DOCKER_HUB_NAME)
+        if at:
+            ref = Reference.parse(digest)
+            if ref.digest is None:
+                raise NameInvalid(f"{raw}: what follows @ must be a digest")
+        else:
+            ref = Reference.parse(tag or "latest")
+        return cls(upstream, repo, ref)

@@ -1,0 +1,145 @@
+"""Keeping the cache under its size and age limits, least recently used first.
+
+Last use is a committed file's mtime: a hit refreshes it (at most every
+``TOUCH_SECONDS``, so a hot blob costs one ``utime`` a minute, not one per
+request). The evictor walks the files, skips protected digests (pinned images)
+and anything committed or used within ``GRACE_SECONDS`` (a request between its
+stat and its open), and removes the oldest until the cache is under the
+low-water mark (90% of the cap).
+
+Removing a file never disturbs a reader that has it open (POSIX keeps the bytes
+until the last descriptor closes), and the mirror re-fetches a missing blob or
+manifest on demand, so a manifest whose layers went is still served whole.
+Only one process evicts at a time (an flock on ``<root>/evict.lock``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cache.digests import Digest
+from cache.errors import InvalidDigest
+from cache.layout import Layout
+
+TOUCH_SECONDS = 60.0
+GRACE_SECONDS = 30.0
+LOW_WATER = 0.9
+
+
+def touch_if_stale(path: Path, mtime: float, now: float | None = None) -> None:
+    """Record a use of ``path`` unless one was recorded recently."""
+    now = time.time() if now is None else now
+    if now - mtime > TOUCH_SECONDS:
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(path)
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    path: Path
+    kind: str  # "blob" or "manifest"
+    digest: Digest
+    size: int
+    last_used: float
+
+
+def entries(layouts: Iterable[Layout]) -> Iterator[Entry]:
+    """Every committed blob and manifest."""
+    for layout in layouts:
+        for kind, folder in (("blob", "blobs"), ("manifest", "manifests")):
+            top = layout.root / folder
+            if not top.is_dir():
+                continue
+            for algorithm in top.iterdir():
+                for shard in algorithm.iterdir() if algorithm.is_dir() else ():
+                    for path in shard.iterdir() if shard.is_dir() else ():
+                        try:
+                            digest = Digest.parse(f"{algorithm.name}:{path.name}")
+                            st = path.stat()
+                        except (InvalidDigest, FileNotFoundError):
+                            continue
+                        yield Entry(path, kind, digest, st.st_size, st.st_mtime)
+
+
+@dataclass
+class Eviction:
+    removed: list[Entry] = field(default_factory=list)
+    total_before: int = 0
+    total_after: int = 0
+    skipped_protected: int = 0
+
+    @property
+    def freed(self) -> int:
+        return sum(e.size for e in self.removed)
+
+
+def evict(
+    layouts: Iterable[Layout],
+    *,
+    max_size: int | None,
+    max_age_seconds: float | None,
+    protected: set[Digest],
+    dry_run: bool = False,
+    now: float | None = None,
+) -> Eviction | None:
+    """Bring the cache under its limits. None when another process is evicting."""
+    layouts = list(layouts)
+    now = time.time() if now is None else now
+    lock_path = layouts[0].root / "evict.lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None
+        return _evict(layouts, max_size, max_age_seconds, protected, dry_run, now)
+    finally:
+        os.close(fd)
+
+
+def _evict(
+    layouts: list[Layout],
+    max_size: int | None,
+    max_age_seconds: float | None,
+    protected: set[Digest],
+    dry_run: bool,
+    now: float,
+) -> Eviction:
+    found = list(entries(layouts))
+    result = Eviction(total_before=sum(e.size for e in found))
+    total = result.total_before
+    candidates = []
+    for entry in sorted(found, key=lambda e: e.last_used):
+        if entry.digest in protected:
+            result.skipped_protected += 1
+        elif now - entry.last_used >= GRACE_SECONDS:
+            candidates.append(entry)
+    target = None if max_size is None else int(max_size * LOW_WATER)
+    for entry in candidates:
+        too_old = max_age_seconds is not None and now - entry.last_used > max_age_seconds
+        too_big = target is not None and total > target
+        if not (too_old or too_big):
+            continue
+        if not dry_run and not _remove_if_unused(entry, now):
+            continue
+        result.removed.append(entry)
+        total -= entry.size
+    result.total_after = total
+    return result
+
+
+def _remove_if_unused(entry: Entry, now: float) -> bool:
+    # A hit may have refreshed it since we looked: check again, just before.
+    try:
+        if now - entry.path.stat().st_mtime < GRACE_SECONDS:
+            return False
+        entry.path.unlink()
+    except FileNotFoundError:
+        return False
+    return True

@@ -1,0 +1,217 @@
+"""The cache commands: what ``pullthrough warm|export|import|cache|gc`` do and print."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TransferSpeedColumn,
+)
+
+from cache.archive import ExportImage, export_archive, import_archive
+from cache.digests import Digest
+from cache.errors import CacheError
+from cache.index import TagEntry
+from proxy import tools
+from proxy.config import Settings
+from proxy.errors import RegistryError
+from proxy.housekeeping import Housekeeper
+from proxy.mirror import ANY_CLIENT, DOCKER_LIST, OCI_INDEX
+from proxy.names import ImageRef
+
+INDEXES = (OCI_INDEX, DOCKER_LIST)
+
+
+class CommandError(Exception):
+    """Something the operator must fix; printed without a traceback."""
+
+
+def run_tool(args: argparse.Namespace, settings: Settings) -> int:
+    console = Console(highlight=False, soft_wrap=True)
+    try:
+        if args.command == "warm":
+            return _warm(args, settings, console)
+        if args.command == "export":
+            return _export(args, settings, console)
+        if args.command == "import":
+            return _import(args, settings, console)
+        if args.command == "gc":
+            return _gc(args, settings, console)
+        return _cache(args, settings, console)
+    except (CommandError, CacheError, RegistryError) as exc:
+        text = (
+            f"{exc.code}: {exc.message} ({exc.detail})" if isinstance(exc, RegistryError) else exc
+        )
+        console.print(f"[red]pullthrough {args.command}: {text}")
+        return 1
+
+
+def _images(args: argparse.Namespace) -> list[str]:
+    images = list(args.images)
+    if getattr(args, "file", None) is not None:
+        try:
+            lines = args.file.read_text().splitlines()
+        except OSError as exc:
+            raise CommandError(f"cannot read {args.file}: {exc}") from None
+        images += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    if not images:
+        raise CommandError("name at least one image (or --file)")
+    return images
+
+
+def _platforms(args: argparse.Namespace) -> frozenset[str] | None:
+    return frozenset(args.platform) if args.platform else None
+
+
+def _warm(args: argparse.Namespace, settings: Settings, console: Console) -> int:
+    started = time.monotonic()
+    summary = asyncio.run(
+        tools.warm(settings, _images(args), platforms=_platforms(args), console=console)
+    )
+    console.print(
+        f"warmed {summary.images} image(s) in {time.monotonic() - started:.1f}s: "
+        f"fetched {summary.fetched} blob(s) ({tools.human(summary.fetched_bytes)}), "
+        f"{summary.cached} already cached ({tools.human(summary.cached_bytes)}), "
+        f"{summary.manifests} manifest(s)"
+    )
+    if summary.failed:
+        console.print(f"[red]failed: {', '.join(summary.failed)}")
+        return 1
+    return 0
+
+
+def _export(args: argparse.Namespace, settings: Settings, console: Console) -> int:
+
+    platforms = _platforms(args)
+    with tools.housekeeper(settings) as keeper:
+        items, layout = [], None
+        for raw in _images(args):
+            image = ImageRef.parse(raw)
+            tops = keeper.resolve(image)
+            if not tops:
+                raise CommandError(f"{image} is not cached; `pullthrough warm {raw}` first")
+            # Of the answers cached for different clients, the index is the whole image.
+            top = next((t for t in tops if t.media_type in INDEXES), tops[0])
+            where = keeper.layouts[image.upstream]
+            if layout is not None and where != layout:
+                raise CommandError("export images of upstreams with credentials separately")
+            layout = where
+            items.append(ExportImage(str(image), top, platforms))
+        assert layout is not None
+        with _bar(console, "export") as (progress, task):
+            summary = export_archive(
+                args.output, items, layout, progress=lambda n: progress.advance(task, n)
+            )
+    console.print(
+        f"wrote {args.output}: {summary.images} image(s), {summary.manifests} manifest(s), "
+        f"{summary.blobs} blob(s), {tools.human(summary.bytes)}"
+    )
+    return 0
+
+
+def _import(args: argparse.Namespace, settings: Settings, console: Console) -> int:
+
+    archive: Path = args.archive
+    if not archive.is_file():
+        raise CommandError(f"no such file: {archive}")
+    with tools.housekeeper(settings) as keeper:
+        layout = keeper.layouts["docker.io"]
+        with _bar(console, "import", total=archive.stat().st_size) as (progress, task):
+            summary = import_archive(archive, layout, progress=lambda n: progress.advance(task, n))
+        keys = {u.name: str(u.url) for u in settings.all_upstreams()}
+        for image in summary.images:
+            tagged = _tag(keeper, keys, image.ref_name, image.digest, image.media_type)
+            console.print(f"  {image.digest}  {tagged}")
+    console.print(
+        f"imported {len(summary.images)} image(s) from {archive}: "
+        f"{summary.manifests_added} manifest(s), {summary.blobs_added} blob(s) added "
+        f"({tools.human(summary.bytes_added)}), {summary.blobs_present} already cached; "
+        "every digest verified"
+    )
+    return 0
+
+
+def _tag(
+    keeper: Housekeeper,
+    keys: dict[str, str],
+    ref_name: str | None,
+    digest: Digest,
+    media_type: str,
+) -> str:
+    """Record an imported image's tag, when its ref name has one; say what happened."""
+    last = (ref_name or "").rsplit("/", 1)[-1]
+    if not ref_name or ":" not in last or "@" in ref_name:
+        return f"(no tag in ref name {ref_name!r}: pull it by digest)"
+    try:
+        image = ImageRef.parse(ref_name)
+    except RegistryError:
+        return f"(ref name {ref_name!r} is not an image reference: pull it by digest)"
+    key = keys.get(image.upstream)
+    if key is None or image.reference.tag is None:
+        return f"(registry {image.upstream} is not configured: pull it by digest)"
+    entry = TagEntry(str(digest), media_type, time.time())
+    keeper.tags.put_sync(key, image.repository, image.reference.tag, ANY_CLIENT, entry)
+    return str(image)
+
+
+def _cache(args: argparse.Namespace, settings: Settings, console: Console) -> int:
+    with tools.housekeeper(settings) as keeper:
+        if args.action == "ls":
+            tools.print_images(tools.list_images(keeper), console)
+        elif args.action == "du":
+            usage = tools.disk_usage(keeper.distinct_layouts())
+            total = usage.blob_bytes + usage.manifest_bytes
+            limit = settings.max_size
+            console.print(
+                f"{tools.human(total)} in {usage.blobs} blob(s) "
+                f"({tools.human(usage.blob_bytes)}) and {usage.manifests} manifest(s) "
+                f"({tools.human(usage.manifest_bytes)}); {usage.temp_files} temp file(s) "
+                f"({tools.human(usage.temp_bytes)})"
+                + (
+                    f"; limit {tools.human(limit)} ({100 * total / limit:.0f}% used)"
+                    if limit
+                    else ""
+                )
+            )
+        else:
+            pins = tools.pin(keeper, args.images, remove=args.action == "unpin")
+            console.print("pinned: " + (", ".join(sorted(pins)) or "nothing"))
+    return 0
+
+
+def _gc(args: argparse.Namespace, settings: Settings, console: Console) -> int:
+    with tools.housekeeper(settings) as keeper:
+        result = tools.collect_garbage(keeper, delete=args.delete)
+    verb = "removed" if args.delete else "would remove"
+    console.print(
+        f"{verb} {len(result.unreferenced)} unreferenced blob(s) "
+        f"({tools.human(result.unreferenced_bytes)}), {result.temp} temp file(s), "
+        f"{result.evicted} object(s) over the size/age limits "
+        f"({tools.human(result.evicted_bytes)})"
+    )
+    if not args.delete:
+        console.print("nothing was deleted: run `pullthrough gc --delete` to do it")
+    return 0
+
+
+@contextlib.contextmanager
+def _bar(
+    console: Console, label: str, total: int | None = None
+) -> Iterator[tuple[Progress, TaskID]]:
+    """A byte progress bar: yields (progress, task) to advance."""
+    progress = Progress(
+        TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=console
+    )
+    with progress:
+        yield progress, progress.add_task("", total=total)

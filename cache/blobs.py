@@ -72,7 +72,10 @@ class BlobWriter:
         """Record the size the upstream announced, for readers in other processes."""
         self.expected_size = size
         text = "" if size is None else str(size)
-        write_atomic(self._layout.size_file(self.digest), self._layout.tmp, text.encode())
+        # Advisory, for readers in other processes; a crash loses nothing of value.
+        write_atomic(
+            self._layout.size_file(self.digest), self._layout.tmp, text.encode(), durable=False
+        )
 
     def write(self, chunk: bytes) -> None:
         self._hasher.update(chunk)

@@ -93,17 +93,22 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(target: Path, tmp_dir: Path, data: bytes) -> None:
-    """Write ``data`` to ``target`` so that readers see all of it or nothing."""
+def write_atomic(target: Path, tmp_dir: Path, data: bytes, *, durable: bool = True) -> None:
+    """Write ``data`` to ``target`` so that readers see all of it or nothing.
+
+    ``durable=False`` skips the fsyncs, for files a crash may lose.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_dir / f"{os.urandom(8).hex()}.tmp"
     try:
         with tmp.open("wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         tmp.replace(target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(target.parent)
+    if durable:
+        fsync_dir(target.parent)

@@ -27,6 +27,9 @@ from proxy.upstream import RateLimit, UpstreamClient, new_session
 
 log = logging.getLogger(__name__)
 
+# How long start-up may wait to learn the upstreams' auth challenges.
+DISCOVER_SECONDS = 2.0
+
 
 def layouts(settings: Settings) -> dict[str, Layout]:
     """Where each upstream's content lives, by upstream name.
@@ -114,6 +117,10 @@ async def open_mirrors(settings: Settings, metrics: Metrics) -> AsyncIterator[Re
                 library_prefix=up.library_prefix,
             )
         )
+    online = [m for m in mirrors if not m.offline]
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(DISCOVER_SECONDS):
+            await asyncio.gather(*(m.upstream.discover() for m in online))
     try:
         yield Resources(Mirrors(mirrors[0], mirrors[1:]), tags, housekeeper, by_upstream)
     finally:

@@ -44,6 +44,7 @@ SETTING_FLAGS = (
     "read_timeout",
     "log_level",
     "log_format",
+    "event_loop",
 )
 
 
@@ -78,6 +79,7 @@ def _settings_flags(parser: argparse.ArgumentParser, *, server: bool) -> None:
     parser.add_argument("--connect-timeout", type=float, help="seconds (default 10)")
     parser.add_argument("--read-timeout", type=float, help="seconds (default 60)")
     parser.add_argument("--log-format", help="text or json (default text)")
+    parser.add_argument("--event-loop", help="asyncio (default) or uvloop")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -230,10 +232,13 @@ def _run_worker(settings: Settings) -> None:
     if multiprocessing.parent_process() is not None:
         configure_logs(settings.log_level, settings.log_format)
     loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
-    with contextlib.suppress(ImportError):
-        import uvloop  # optional: a faster event loop
-
-        loop_factory = uvloop.new_event_loop
+    if settings.event_loop == "uvloop":
+        try:
+            import uvloop  # optional: pip install pullthrough[fast]
+        except ImportError:
+            log.warning("event_loop = uvloop, but uvloop is not installed: using asyncio")
+        else:
+            loop_factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         runner.run(_serve_forever(settings))
 

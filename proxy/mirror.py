@@ -200,6 +200,12 @@ class Mirror:
             return _answer(cached, "cache")
         if self.offline:
             raise ManifestUnknown(f"{repository}:{tag} is not cached (offline mode)")
+        if entry is None and not head:
+            # A tag never seen: a HEAD first would cost a round trip and save no
+            # pull (HEAD + GET and GET alone both spend one on Docker Hub).
+            fetched = await self._fetch(repository, tag, accept, expected=None)
+            await self._remember(repository, tag, accept, fetched)
+            return _answer(fetched, "upstream")
         try:
             return await self._resolve_tag(repository, tag, accept, head=head)
         except (UpstreamUnavailable, TooManyRequests) as exc:

@@ -144,6 +144,21 @@ class UpstreamClient:
             return resp
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def discover(self) -> None:
+        """Learn the upstream's auth challenge from ``GET /v2/`` ahead of the first
+        pull, which then needs no 401 round trip. Failures are left for later."""
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            async with self._session.get(
+                self.base.with_path("/v2/"),
+                timeout=aiohttp.ClientTimeout(total=PING_SECONDS),
+                allow_redirects=False,
+            ) as resp:
+                self._on_response("GET", resp.status)
+                challenge = parse_challenge(resp.headers.getall("WWW-Authenticate", []))
+                if resp.status == 401 and challenge is not None:
+                    self.auth.learn(challenge)
+        return
+
     async def ping(self) -> int:
         """The status ``GET /v2/`` answers with (401 counts as reachable)."""
         try:

@@ -39,8 +39,15 @@ STALE_TMP_SECONDS = 600
 
 class State(Enum):
     RUNNING = "running"
+    VERIFIED = "verified"  # all bytes are in and hash right; being made durable
     COMMITTED = "committed"
     FAILED = "failed"
+
+
+DONE = frozenset({State.VERIFIED, State.COMMITTED})
+# Writes and reads up to this size happen on the event loop: a thread hop
+# costs more than hashing or copying them (page cache, sub-millisecond).
+INLINE_BYTES = 256 * 1024
 
 
 def _lock_is_free(fd: int) -> bool:
@@ -85,13 +92,21 @@ class BlobWriter:
             view = view[n:]
         self.written += len(chunk)
 
-    def commit(self) -> Path:
-        """Verify length and digest, then make the blob visible by rename."""
+    def verify(self) -> None:
+        """Raise unless every byte came and they hash to the digest."""
         if self.expected_size is not None and self.written != self.expected_size:
             raise SizeMismatch(self.expected_size, self.written)
         actual = f"{self.digest.algorithm}:{self._hasher.hexdigest()}"
         if actual != str(self.digest):
             raise DigestMismatch(str(self.digest), actual)
+
+    def commit(self) -> Path:
+        """Verify, then make the blob durable and visible by rename."""
+        self.verify()
+        return self.persist()
+
+    def persist(self) -> Path:
+        """fsync, then rename into place: only then can anyone find it."""
         os.fsync(self._fd)
         final = self._layout.blob(self.digest)
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -122,6 +137,7 @@ class Download:
     state: State = State.RUNNING
     error: BaseException | None = None
     size_known: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
     _progress: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -147,11 +163,14 @@ class BlobSink:
         self._download = download
 
     async def begin(self, size: int | None) -> None:
-        await asyncio.to_thread(self._download.writer.begin, size)
+        self._download.writer.begin(size)  # a few bytes, no fsync
         self._download.size_known.set()
 
     async def write(self, chunk: bytes) -> None:
-        await asyncio.to_thread(self._download.writer.write, chunk)
+        if len(chunk) <= INLINE_BYTES:
+            self._download.writer.write(chunk)
+        else:
+            await asyncio.to_thread(self._download.writer.write, chunk)
         self._download.notify()
 
 
@@ -222,6 +241,7 @@ class BlobStore:
         download = Download(writer)
         self._downloads[digest] = download
         task = asyncio.create_task(self._run(download, fetch), name=f"download {digest}")
+        download.task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return _LocalTracker(self.layout, digest, download, joined=False)
@@ -229,27 +249,49 @@ class BlobStore:
     async def _run(self, download: Download, fetch: Fetch) -> None:
         writer = download.writer
         try:
-            await fetch(BlobSink(download))
-            await asyncio.to_thread(writer.commit)
+            try:
+                await fetch(BlobSink(download))
+                writer.verify()
+            except BaseException as exc:
+                try:
+                    await asyncio.shield(asyncio.to_thread(writer.abort))
+                finally:
+                    # Readers learn of the failure only once nothing of it is left.
+                    download.state = State.FAILED
+                    download.error = exc
+                if not isinstance(exc, Exception):
+                    raise
+                log.warning("download of %s failed: %s", writer.digest, exc)
+                return
+            # Verified: readers may have their last byte now; durability (fsync,
+            # rename) follows without holding them up, and nothing can find the
+            # blob in the cache before it is durable.
+            download.state = State.VERIFIED
+            download.notify()
+            try:
+                await asyncio.to_thread(writer.persist)
+            except OSError as exc:
+                log.warning("could not keep %s: %s", writer.digest, exc)
+                await asyncio.to_thread(writer.abort)
+                return
             download.state = State.COMMITTED
             self._on_commit()
-        except BaseException as exc:
-            try:
-                await asyncio.shield(asyncio.to_thread(writer.abort))
-            finally:
-                # Readers learn of the failure only once nothing of it is left.
-                download.state = State.FAILED
-                download.error = exc
-            if not isinstance(exc, Exception):
-                raise
-            log.warning("download of %s failed: %s", writer.digest, exc)
         finally:
             self._downloads.pop(writer.digest, None)
             download.size_known.set()
             download.notify()
 
+    async def settle(self) -> None:
+        """Wait until the downloads running now have finished (committed or not)."""
+        await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
     async def close(self) -> None:
-        """Cancel downloads still running; their partial files are removed."""
+        """Cancel downloads still running; their partial files are removed.
+
+        Downloads already verified are let finish: they only need their fsync.
+        """
+        finishing = [d.task for d in self._downloads.values() if d.state is State.VERIFIED]
+        await asyncio.gather(*[t for t in finishing if t is not None], return_exceptions=True)
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -345,17 +387,21 @@ async def _follow(
     while True:
         state, written = status()
         target = end if end is not None else size
-        if state is State.COMMITTED:
+        if state in DONE:
             stop = written if target is None else min(target, written)
         else:
             stop = min(written, (written if target is None else target) - 1)
         if pos < stop:
-            chunk = await asyncio.to_thread(os.pread, fd, min(READ_CHUNK, stop - pos), pos)
+            count = min(READ_CHUNK, stop - pos)
+            if count <= INLINE_BYTES:
+                chunk = os.pread(fd, count, pos)
+            else:
+                chunk = await asyncio.to_thread(os.pread, fd, count, pos)
             if not chunk:
                 raise DownloadFailed("the file being followed was truncated")
             pos += len(chunk)
             yield chunk
-        elif state is State.COMMITTED:
+        elif state in DONE:
             return
         else:
             await wait()

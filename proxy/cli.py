@@ -13,6 +13,7 @@ import signal
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from aiohttp import web
@@ -27,6 +28,8 @@ from proxy.logs import AccessLogger
 from proxy.logs import configure as configure_logs
 
 log = logging.getLogger("pullthrough")
+
+IO_THREADS = 32
 
 
 SETTING_FLAGS = (
@@ -244,6 +247,11 @@ def _run_worker(settings: Settings) -> None:
 
 
 async def _serve_forever(settings: Settings) -> None:
+    # Disk work (large chunks, fsync, manifests) goes to threads; the default
+    # pool (cores + 4) queues it behind itself under a few concurrent pulls.
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="io")
+    )
     runner = web.AppRunner(
         create_app(settings),
         access_log=logging.getLogger("pullthrough.access"),

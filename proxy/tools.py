@@ -152,6 +152,7 @@ async def _warm_one(
             summary.fetched_bytes += got or size or 0
 
     await asyncio.gather(*(fetch(d, s) for d, s in missing.items()))
+    await mirror.blobs.settle()  # what was fetched is durable before we say so
 
 
 async def _manifest(mirror: Mirror, repository: str, reference: Reference) -> StoredManifest:

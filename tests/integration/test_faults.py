@@ -17,7 +17,13 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from proxy.app import create_app
 from tests.support.faults import Cdn, FaultRegistry, digest_of
-from tests.support.mirror import MirrorProcess, blob_files, settings_for, temp_files
+from tests.support.mirror import (
+    MirrorProcess,
+    blob_files,
+    eventually_blob_files,
+    settings_for,
+    temp_files,
+)
 
 BLOB = os.urandom(3 * 1024 * 1024 + 17)
 DIGEST = digest_of(BLOB)
@@ -81,7 +87,8 @@ async def test_bad_body_is_never_served_whole_nor_kept(
     assert (status, complete) == (200, True)
     assert hashlib.sha256(body).hexdigest() == DIGEST.removeprefix("sha256:")
     assert fault.count("GET", "blobs") == 2
-    assert [p.name for p in blob_files(tmp_path / "cache")] == [DIGEST.removeprefix("sha256:")]
+    cached = await eventually_blob_files(tmp_path / "cache", 1)
+    assert [p.name for p in cached] == [DIGEST.removeprefix("sha256:")]
 
 
 async def test_concurrent_cold_requests_share_one_upstream_fetch(

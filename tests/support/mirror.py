@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -37,6 +38,20 @@ def free_port() -> int:
 
 def blob_files(cache_dir: Path) -> list[Path]:
     return sorted(p for p in (cache_dir / "blobs").rglob("*") if p.is_file())
+
+
+COMMIT_WAIT_SECONDS = 5.0
+
+
+async def eventually_blob_files(cache_dir: Path, count: int) -> list[Path]:
+    """The cache's blob files once there are ``count`` of them: a blob is made
+    durable just after its last byte reaches the client."""
+    deadline = time.monotonic() + COMMIT_WAIT_SECONDS
+    while True:
+        found = blob_files(cache_dir)
+        if len(found) >= count or time.monotonic() > deadline:
+            return found
+        await asyncio.sleep(0.01)
 
 
 def temp_files(cache_dir: Path) -> list[Path]:

@@ -58,6 +58,7 @@ async def test_followers_share_one_fetch_and_get_identical_bytes(layout: Layout)
     feed.go.set()
     assert [await r for r in readers] == [DATA] * 5
     assert feed.calls == 1
+    await store.settle()  # readers finish once verified; the commit follows
     assert store.stat(DIGEST) == (layout.blob(DIGEST), len(DATA))
     assert store.track(DIGEST, feed) is None  # committed: serve the file
     assert list(layout.tmp.iterdir()) == []

@@ -1,27 +1,59 @@
 """OCI image layout archives: export what the cache holds, import with verification.
 
-An archive is a tar of an OCI image layout (image-spec ``image-layout.md``):
-``oci-layout``, ``index.json`` naming each image (annotation
-``org.opencontainers.image.ref.name``), and ``blobs/<alg>/<hex>`` for every
-manifest and blob. ``skopeo copy oci-archive:FILE:REF ...`` reads ours, and we
-read what ``skopeo copy ... oci-archive:FILE:REF`` writes.
+An archive is a plain (uncompressed) tar of an OCI image layout (image-spec
+``image-layout.md``)::
 
-Import trusts nothing: every member is hashed as it is copied into a staging
-folder, every manifest's references must be present, and only then does
-anything enter the cache; on any failure the staging folder goes and the cache
-is as it was.
+    oci-layout          {"imageLayoutVersion": "1.0.0"}
+    index.json          an OCI index: one descriptor (mediaType, digest, size) per
+                        image, annotated with org.opencontainers.image.ref.name
+    blobs/<alg>/<hex>   every manifest's bytes and every config and layer, once
+
+Export with a platform filter keeps an index's bytes unchanged (its digest is
+what clients pin) but includes only the children of those platforms, plus
+platform-less ones such as attestations, and their blobs. The descriptor in
+``index.json`` says so in ``org.pullthrough.platforms``, so that import accepts
+the other children being absent. A mirror loaded from such an archive serves
+the index whole, but a client asking it for another platform misses: the
+mirror fetches that from upstream if it can, and offline the pull fails.
+
+skopeo 1.9 (checked against 1.9.3):
+
+- It reads our archives. In ``oci-archive:FILE:NAME`` the path ends at the
+  first ``:``, so NAME may hold ``:`` and ``/``
+  (``oci-archive:/x.tar:docker.io/library/ociapp:v1``). But it looks NAME up
+  only among descriptors typed as OCI manifest or OCI index: an image whose
+  manifest is Docker-typed (schema 2 manifest or manifest list) cannot be
+  picked by name, only as ``oci-archive:FILE`` from an archive holding that
+  one image. Changing the type would change the digest, so we do not.
+- What it writes: directory entries ``blobs/`` and ``blobs/sha256/``, member
+  names with no ``./`` prefix, the blobs first and ``index.json`` and
+  ``oci-layout`` last. ``index.json`` has no mediaType of its own. Each
+  descriptor has mediaType, digest, size and the ref name annotation (the NAME
+  given, e.g. ``alpine``). It converts Docker manifests and configs to OCI
+  ones, so their digests are not the registry's.
+
+Import trusts nothing in the archive. Each member is checked by name and type,
+and each blob is hashed as it is copied into a staging folder
+(``tmp/import-<random>/``). Every manifest reachable from ``index.json``, and
+every blob such a manifest references, must be there. Nothing enters
+``blobs/`` or ``manifests/`` until all of it has verified. Any failure removes
+the staging folder and whatever had been committed, so the cache is left as it
+was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import hashlib
+import fcntl
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -29,18 +61,50 @@ from typing import IO, Any
 
 from cache.digests import Digest
 from cache.errors import CacheError, InvalidDigest
-from cache.graph import blobs, children, closure
+from cache.graph import blobs, children, closure, platform_wanted
 from cache.layout import Layout, fsync_dir
 from cache.manifests import ManifestStore, StoredManifest
 
 REF_NAME = "org.opencontainers.image.ref.name"
+#: On an index.json descriptor: the image was exported for these platforms only
+#: (comma-separated), so children of other platforms are absent on purpose.
+PLATFORMS = "org.pullthrough.platforms"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-LAYOUT_FILE = {"imageLayoutVersion": "1.0.0"}
+DOCKER_SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
+DOCKER_SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+LAYOUT_VERSION = "1.0.0"
 MAX_DOCUMENT = 4 << 20  # index.json, oci-layout and manifests are read whole
 CHUNK = 1 << 20
+STAGING_PREFIX = "import-"
+LOCK_NAME = ".lock"
+#: A staging folder whose import holds no lock and that has not changed for this
+#: long was left by an import that was killed, and is removed by the next one.
+ABANDONED_SECONDS = 60.0
 
 Progress = Callable[[int], None]
+
+_ALGORITHM = r"[a-z0-9]+(?:[+._-][a-z0-9]+)*"
+_BLOB_DIR = re.compile(rf"^blobs/{_ALGORITHM}$")
+_BLOB_FILE = re.compile(rf"^blobs/({_ALGORITHM})/([^/]+)$")
+# RFC 6838 type/subtype: what a manifest may be stored and served as.
+_MEDIA_TYPE = re.compile(
+    r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}$"
+)
+_COMPRESSED = {
+    b"\x1f\x8b": "gzip",
+    b"BZh": "bzip2",
+    b"\xfd7zXZ\x00": "xz",
+    b"\x28\xb5\x2f\xfd": "zstd",
+}
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+_KINDS = {
+    tarfile.SYMTYPE: "a symbolic link",
+    tarfile.LNKTYPE: "a hard link",
+    tarfile.CHRTYPE: "a character device",
+    tarfile.BLKTYPE: "a block device",
+    tarfile.FIFOTYPE: "a FIFO",
+}
 
 
 class ArchiveError(CacheError):
@@ -49,8 +113,8 @@ class ArchiveError(CacheError):
 
 @dataclass(frozen=True)
 class ExportImage:
-    ref_name: str
-    top: StoredManifest
+    ref_name: str  # goes into org.opencontainers.image.ref.name
+    top: StoredManifest  # the tag's manifest: an index or an image manifest
     # None: every child of an index. Otherwise only those platforms (and
     # platform-less children such as attestations); the index itself is
     # exported unchanged, so its digest holds, and other platforms are absent.
@@ -62,12 +126,12 @@ class ExportSummary:
     images: int
     manifests: int
     blobs: int
-    bytes: int
+    bytes: int  # of manifests and blobs, without the tar's own headers
 
 
 @dataclass
 class ImportedImage:
-    ref_name: str | None
+    ref_name: str | None  # None when index.json gave the image no name
     digest: Digest
     media_type: str
 
@@ -77,303 +141,667 @@ class ImportSummary:
     images: list[ImportedImage] = field(default_factory=list)
     manifests_added: int = 0
     blobs_added: int = 0
-    blobs_present: int = 0
-    bytes_added: int = 0
+    blobs_present: int = 0  # referenced, and already in the cache
+    bytes_added: int = 0  # of the manifests and blobs added
+
+
+class _Meter:
+    """Passes byte counts on to a progress callback and keeps their sum."""
+
+    def __init__(self, progress: Progress | None) -> None:
+        self._progress = progress
+        self.done = 0
+
+    def add(self, n: int) -> None:
+        if n > 0:
+            self.done += n
+            if self._progress is not None:
+                self._progress(n)
+
+    def reach(self, position: int) -> None:
+        self.add(position - self.done)
+
+
+def _blob_name(digest: Digest) -> str:
+    return f"blobs/{digest.algorithm}/{digest.hex}"
+
+
+def _listing(items: Sequence[str], limit: int = 10) -> str:
+    shown = ", ".join(items[:limit])
+    return shown if len(items) <= limit else f"{shown} and {len(items) - limit} more"
+
+
+def _reason(exc: BaseException) -> str:
+    """What went wrong, for an operator."""
+    if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+        return f"disk full ({exc})"
+    if isinstance(exc, tarfile.TarError | EOFError):
+        return f"the archive is damaged or truncated ({exc})"
+    return str(exc)
 
 
 # -- export ---------------------------------------------------------------------------
 
 
 class _Counting:
-    """A file that reports how much was read from it (tarfile only calls read)."""
+    """A readable file that reports what is read from it, a MiB at a time
+    (tarfile reads 16 KiB at a time and only ever calls read)."""
 
-    def __init__(self, f: IO[bytes], progress: Progress | None) -> None:
+    def __init__(self, f: IO[bytes], meter: _Meter) -> None:
         self._f = f
-        self._progress = progress
+        self._meter = meter
+        self._pending = 0
 
     def read(self, size: int = -1) -> bytes:
         data = self._f.read(size)
-        if self._progress is not None and data:
-            self._progress(len(data))
+        self._pending += len(data)
+        if self._pending >= CHUNK:
+            self.flush()
         return data
 
+    def flush(self) -> None:
+        self._meter.add(self._pending)
+        self._pending = 0
 
-def _info(name: str, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mode = 0o644
-    info.mtime = 0  # the same content makes the same archive
-    return info
+
+@dataclass
+class _ExportPlan:
+    index: list[dict[str, Any]] = field(default_factory=list)
+    manifests: dict[Digest, StoredManifest] = field(default_factory=dict)
+    blobs: dict[Digest, int] = field(default_factory=dict)  # digest -> size on disk
+    owner: dict[Digest, str] = field(default_factory=dict)  # digest -> a ref name needing it
 
 
 def export_archive(
     out: Path, images: Sequence[ExportImage], layout: Layout, *, progress: Progress | None = None
 ) -> ExportSummary:
-    store = ManifestStore(layout)
-    manifests: dict[Digest, StoredManifest] = {}
-    blob_paths: dict[Digest, Path] = {}
-    missing: list[str] = []
-    index: list[dict[str, Any]] = []
-    for image in images:
-        walked = closure(image.top, partial(store.read, touch=False), platforms=image.platforms)
-        absent = [str(d) for d in walked.missing_manifests]
-        for manifest in walked.manifests:
-            manifests[manifest.digest] = manifest
-        for digest in walked.blobs:
-            path = layout.blob(digest)
-            if path.exists():
-                blob_paths[digest] = path
-            else:
-                absent.append(str(digest))
-        if absent:
-            missing.append(f"{image.ref_name} ({len(absent)} missing: {', '.join(absent[:3])}...)")
-        index.append(
-            {
-                "mediaType": image.top.media_type,
-                "digest": str(image.top.digest),
-                "size": len(image.top.data),
-                "annotations": {REF_NAME: image.ref_name},
-            }
-        )
-    if missing:
-        raise ArchiveError(
-            "not all of it is cached: " + "; ".join(missing) + " (`pullthrough warm` fetches it)"
-        )
+    """Write ``images`` with all they need from ``layout`` to the tar ``out``.
+
+    Everything is checked to be in the cache before a byte is written; the tar
+    is written to ``<out>.partial`` and renamed to ``out`` once complete.
+    """
+    try:
+        plan = _plan_export(images, layout)
+    except ArchiveError as exc:
+        raise ArchiveError(f"cannot export to {out}: {exc}") from None
     partial_out = out.with_name(out.name + ".partial")
+    meter = _Meter(progress)
     written = 0
     try:
-        with tarfile.open(partial_out, "w", format=tarfile.PAX_FORMAT) as tar:
+        with partial_out.open("wb") as f:
+            with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
 
-            def add(name: str, data: bytes) -> None:
-                tar.addfile(_info(name, len(data)), io.BytesIO(data))
+                def add(name: str, data: bytes, counted: bool = True) -> None:
+                    tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+                    if counted:
+                        meter.add(len(data))
 
-            add("oci-layout", json.dumps(LAYOUT_FILE).encode())
-            for manifest in manifests.values():
-                add(f"blobs/{manifest.digest.algorithm}/{manifest.digest.hex}", manifest.data)
-                written += len(manifest.data)
-            for digest, path in blob_paths.items():
-                with path.open("rb") as f:
-                    size = os.fstat(f.fileno()).st_size
-                    name = f"blobs/{digest.algorithm}/{digest.hex}"
-                    tar.addfile(_info(name, size), _Counting(f, progress))
-                    written += size
-            doc = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": index}
-            add("index.json", json.dumps(doc, indent=1).encode())
+                # index.json first: a reader streaming the tar learns what to expect.
+                layout_doc = {"imageLayoutVersion": LAYOUT_VERSION}
+                add("oci-layout", json.dumps(layout_doc).encode(), counted=False)
+                index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": plan.index}
+                add("index.json", json.dumps(index, indent=2).encode() + b"\n", counted=False)
+                for manifest in plan.manifests.values():
+                    add(_blob_name(manifest.digest), manifest.data)
+                    written += len(manifest.data)
+                for digest, size in plan.blobs.items():
+                    written += _add_blob(tar, layout, digest, size, plan.owner[digest], meter)
+            f.flush()
+            os.fsync(f.fileno())
         partial_out.replace(out)
-    except OSError as exc:
-        raise ArchiveError(f"cannot write {out}: {exc}") from exc
-    finally:
-        partial_out.unlink(missing_ok=True)
-    return ExportSummary(len(images), len(manifests), len(blob_paths), written)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            partial_out.unlink(missing_ok=True)
+        if not isinstance(exc, OSError | CacheError):
+            raise
+        raise ArchiveError(f"cannot write {out}: {_reason(exc)}") from exc
+    with contextlib.suppress(OSError):
+        fsync_dir(out.parent)
+    return ExportSummary(len(plan.index), len(plan.manifests), len(plan.blobs), written)
+
+
+def _plan_export(images: Sequence[ExportImage], layout: Layout) -> _ExportPlan:
+    if not images:
+        raise ArchiveError("no images to export")
+    load = partial(ManifestStore(layout).read, touch=False)
+    plan = _ExportPlan()
+    named: dict[str, Digest] = {}
+    incomplete: list[str] = []
+    to_warm: list[ExportImage] = []
+    for image in images:
+        top = image.top
+        if Digest.of(top.data, top.digest.algorithm) != top.digest:
+            raise ArchiveError(f"{image.ref_name}: the manifest given is not {top.digest}")
+        if image.ref_name in named:
+            if named[image.ref_name] != top.digest:
+                raise ArchiveError(f"{image.ref_name} is given twice, as different images")
+            continue
+        named[image.ref_name] = top.digest
+        _check_platforms(image)
+        walked = closure(top, load, platforms=image.platforms)
+        missing = [f"manifest {d}" for d in walked.missing_manifests]
+        for manifest in walked.manifests:
+            plan.manifests.setdefault(manifest.digest, manifest)
+        for digest, declared in walked.blobs.items():
+            if digest in plan.blobs:
+                continue
+            try:
+                size = layout.blob(digest).stat().st_size
+            except FileNotFoundError:
+                missing.append(f"blob {digest}")
+                continue
+            if declared is not None and declared != size:
+                raise ArchiveError(
+                    f"cannot export {image.ref_name}: the cached blob {digest} is {size} bytes "
+                    f"but its manifest says {declared}; remove it and `pullthrough warm` again"
+                )
+            plan.blobs[digest] = size
+            plan.owner[digest] = image.ref_name
+        if missing:
+            incomplete.append(f"{image.ref_name} lacks {len(missing)}: {_listing(missing)}")
+            to_warm.append(image)
+            continue
+        annotations = {REF_NAME: image.ref_name}
+        if image.platforms is not None and children(top):
+            annotations[PLATFORMS] = ",".join(sorted(image.platforms))
+        plan.index.append(
+            {
+                "mediaType": top.media_type,
+                "digest": str(top.digest),
+                "size": len(top.data),
+                "annotations": annotations,
+            }
+        )
+    if incomplete:
+        raise ArchiveError(
+            "not all of it is in the cache: "
+            + "; ".join(incomplete)
+            + f". `{_warm_command(to_warm)}` fetches it"
+        )
+    for digest in plan.manifests:  # the same bytes under one name, once
+        plan.blobs.pop(digest, None)
+    return plan
+
+
+def _check_platforms(image: ExportImage) -> None:
+    if image.platforms is None:
+        return
+    platformed = [
+        c
+        for c in children(image.top)
+        if c.platform is not None and not c.platform.startswith("unknown/")
+    ]
+    if platformed and not any(platform_wanted(c, image.platforms) for c in platformed):
+        offered = sorted({c.platform for c in platformed if c.platform})
+        raise ArchiveError(
+            f"{image.ref_name} has no image for {', '.join(sorted(image.platforms))}; "
+            f"it has {', '.join(offered)}"
+        )
+
+
+def _warm_command(images: Sequence[ExportImage]) -> str:
+    words = ["pullthrough", "warm"]
+    if all(i.platforms is not None for i in images):
+        for platform in sorted({p for i in images for p in i.platforms or ()}):
+            words += ["--platform", platform]
+    return " ".join([*words, *(i.ref_name for i in images)])
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mode = 0o644
+    info.mtime = 0  # the same images make the same archive
+    return info
+
+
+def _add_blob(
+    tar: tarfile.TarFile, layout: Layout, digest: Digest, size: int, owner: str, meter: _Meter
+) -> int:
+    """Stream one blob from the cache into the tar; returns its size."""
+    try:
+        f = layout.blob(digest).open("rb")
+    except FileNotFoundError:
+        raise ArchiveError(
+            f"blob {digest} of {owner} left the cache while it was being exported "
+            "(evicted?); pin the image or retry"
+        ) from None
+    with f:
+        actual = os.fstat(f.fileno()).st_size
+        if actual != size:
+            raise ArchiveError(f"blob {digest} of {owner} changed while it was being exported")
+        counting = _Counting(f, meter)
+        tar.addfile(_tarinfo(_blob_name(digest), size), counting)
+        counting.flush()
+    return size
 
 
 # -- import ---------------------------------------------------------------------------
 
 
-def _member_name(raw: str) -> str:
-    name = raw.removeprefix("./")
-    parts = name.rstrip("/").split("/")
-    if name.startswith("/") or any(p in ("", ".", "..") for p in parts if name):
-        raise ArchiveError(f"refusing archive member {raw!r}: not a plain relative path")
-    return name.rstrip("/")
+@dataclass
+class _Ref:
+    """A manifest as something names it: index.json or a parent index."""
 
-
-def _read_small(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
-    if member.size > MAX_DOCUMENT:
-        raise ArchiveError(f"{member.name} is {member.size} bytes; at most {MAX_DOCUMENT}")
-    f = tar.extractfile(member)
-    assert f is not None  # a regular file
-    return f.read()
-
-
-def _stage(
-    tar: tarfile.TarFile,
-    member: tarfile.TarInfo,
-    digest: Digest,
-    staging: Path,
-    progress: Progress | None,
-) -> Path:
-    """Copy a blob out of the archive, hashing it; refuse it if it is not what it claims."""
-    source = tar.extractfile(member)
-    assert source is not None
-    hasher = hashlib.new(digest.algorithm)
-    target = staging / f"{digest.algorithm}-{digest.hex}"
-    with target.open("wb") as out:
-        while chunk := source.read(CHUNK):
-            hasher.update(chunk)
-            out.write(chunk)
-            if progress is not None:
-                progress(len(chunk))
-    if hasher.hexdigest() != digest.hex:
-        raise ArchiveError(
-            f"blob {digest} in the archive has content "
-            f"{digest.algorithm}:{hasher.hexdigest()}: the archive was altered or damaged"
-        )
-    return target
-
-
-def import_archive(src: Path, layout: Layout, *, progress: Progress | None = None) -> ImportSummary:
-    layout.create()
-    staging = layout.tmp / f"import-{os.urandom(6).hex()}"
-    staging.mkdir()
-    added: list[Path] = []
-    try:
-        staged, index_raw = _unpack(src, staging, progress)
-        plan = _verify(index_raw, staged, layout)
-        summary = ImportSummary(images=plan.images)
-        store = ManifestStore(layout)
-        for digest, path in staged.items():
-            if digest in plan.manifests or digest not in plan.blobs:
-                continue  # manifests go to their own store; unreferenced blobs stay out
-            target = layout.blob(digest)
-            if target.exists():
-                summary.blobs_present += 1
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            size = path.stat().st_size
-            path.replace(target)
-            added.append(target)
-            fsync_dir(target.parent)
-            summary.blobs_added += 1
-            summary.bytes_added += size
-        for manifest in plan.manifests.values():
-            target = layout.manifest(manifest.digest)
-            if not target.exists():
-                store.write(manifest)
-                added.append(target)
-                summary.manifests_added += 1
-        return summary
-    except BaseException as exc:
-        # Nothing of a failed import stays: not even verified content, so
-        # "the cache is as it was" holds whatever the failure.
-        for path in added:
-            path.unlink(missing_ok=True)
-        if isinstance(exc, ArchiveError):
-            raise
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            raise ArchiveError(f"disk full while importing {src}; nothing was kept") from exc
-        if isinstance(exc, tarfile.TarError | EOFError | OSError):
-            raise ArchiveError(f"{src} is damaged or truncated ({exc}); nothing was kept") from exc
-        raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _unpack(
-    src: Path, staging: Path, progress: Progress | None
-) -> tuple[dict[Digest, Path], bytes]:
-    staged: dict[Digest, Path] = {}
-    index_raw: bytes | None = None
-    layout_seen = False
-    try:
-        tar = tarfile.open(src, "r:")  # noqa: SIM115 - closed below, errors mapped
-    except (tarfile.TarError, OSError) as exc:
-        raise ArchiveError(f"{src} is not a tar archive: {exc}") from exc
-    with tar:
-        for member in tar:
-            name = _member_name(member.name)
-            if member.isdir():
-                if name not in ("", "blobs") and not (
-                    name.startswith("blobs/") and name.count("/") == 1
-                ):
-                    raise ArchiveError(f"unexpected folder {member.name!r} in the archive")
-                continue
-            if not member.isfile():
-                raise ArchiveError(f"refusing {member.name!r}: not a regular file")
-            if name == "oci-layout":
-                layout_seen = True
-                try:
-                    version = json.loads(_read_small(tar, member)).get("imageLayoutVersion")
-                except (ValueError, AttributeError):
-                    version = None
-                if not isinstance(version, str) or not version.startswith("1."):
-                    raise ArchiveError("oci-layout is not an OCI image layout 1.x")
-            elif name == "index.json":
-                index_raw = _read_small(tar, member)
-            elif name.startswith("blobs/") and name.count("/") == 2:
-                _, algorithm, encoded = name.split("/")
-                try:
-                    digest = Digest.parse(f"{algorithm}:{encoded}")
-                except InvalidDigest as exc:
-                    raise ArchiveError(f"{member.name!r} is not named by a digest: {exc}") from None
-                if digest in staged:
-                    raise ArchiveError(f"{member.name!r} appears twice in the archive")
-                staged[digest] = _stage(tar, member, digest, staging, progress)
-            else:
-                raise ArchiveError(f"unexpected {member.name!r} in the archive")
-    if not layout_seen or index_raw is None:
-        raise ArchiveError(f"{src} is not an OCI image layout (no oci-layout or index.json)")
-    return staged, index_raw
+    digest: Digest
+    media_type: str
+    size: int | None
+    named_by: str
+    platforms: frozenset[str] | None  # children wanted, for an image exported filtered
 
 
 @dataclass
-class _Plan:
+class _Top:
+    ref: _Ref
+    ref_name: str | None
+
+
+@dataclass
+class _Staged:
+    index: bytes
+    blobs: dict[Digest, Path]  # every blobs/ member, hashed and verified
+
+
+@dataclass
+class _ImportPlan:
     images: list[ImportedImage]
-    manifests: dict[Digest, StoredManifest]
-    blobs: set[Digest]
+    manifests: list[StoredManifest]  # children before the indexes naming them
+    blobs: list[Digest]  # configs and layers, each once
 
 
-def _verify(index_raw: bytes, staged: dict[Digest, Path], layout: Layout) -> _Plan:
-    """Every manifest reachable from index.json, and everything it needs, is there."""
+def import_archive(src: Path, layout: Layout, *, progress: Progress | None = None) -> ImportSummary:
+    """Verify the OCI layout tar ``src`` and add what it holds to ``layout``.
+
+    All or nothing: on any failure an ArchiveError is raised and the cache is as
+    it was. The images named in ``index.json`` are returned for tagging.
+    """
     try:
-        index = json.loads(index_raw)
-    except ValueError as exc:
-        raise ArchiveError(f"index.json is not JSON: {exc}") from None
-    tops = index.get("manifests") if isinstance(index, dict) else None
-    if not isinstance(tops, list):
-        raise ArchiveError("index.json is not an OCI index: it lists no manifests")
-    plan = _Plan([], {}, set())
-    missing: list[str] = []
-    queue: list[tuple[Digest, str]] = []
-    for raw in tops:
+        layout.create()
+        remove_abandoned_imports(layout)
+        with _staging(layout) as staging:
+            staged = _unpack(src, staging, _Meter(progress))
+            plan = _verify(staged, layout)
+            return _commit(plan, staged, layout)
+    except (OSError, tarfile.TarError, EOFError, CacheError) as exc:
+        raise ArchiveError(f"cannot import {src}: {_reason(exc)}; nothing was kept") from exc
+
+
+@contextlib.contextmanager
+def _staging(layout: Layout) -> Iterator[Path]:
+    """A fresh folder under tmp/, locked while this import runs, removed after."""
+    path = layout.tmp / f"{STAGING_PREFIX}{os.urandom(8).hex()}"
+    path.mkdir()
+    try:
+        fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        os.close(fd)
+
+
+def remove_abandoned_imports(layout: Layout) -> int:
+    """Remove the staging folders of imports that were killed; returns how many.
+
+    A folder goes when no import holds its lock and it is older than
+    ``ABANDONED_SECONDS`` (an import takes its lock right after making it).
+    Each import calls this first; anything else cleaning ``tmp/`` should leave
+    ``import-*`` folders to it.
+    """
+    removed = 0
+    now = time.time()
+    for path in layout.tmp.glob(f"{STAGING_PREFIX}*"):
         try:
-            digest = Digest.parse(str(raw["digest"]))
-        except (KeyError, TypeError, InvalidDigest) as exc:
-            raise ArchiveError(f"index.json lists a bad descriptor: {exc!r}") from None
-        annotations = raw.get("annotations") or {}
-        ref_name = annotations.get(REF_NAME) if isinstance(annotations, dict) else None
-        media_type = str(raw.get("mediaType", ""))
-        plan.images.append(ImportedImage(ref_name, digest, media_type))
-        queue.append((digest, media_type))
-    existing = ManifestStore(layout)
-    while queue:
-        digest, media_type = queue.pop()
-        if digest in plan.manifests:
-            continue
-        if digest in staged:
-            data = staged[digest].read_bytes()
-            if len(data) > MAX_DOCUMENT:
-                raise ArchiveError(f"manifest {digest} is larger than {MAX_DOCUMENT} bytes")
-            manifest = StoredManifest(digest, media_type or _declared(data), data)
-        else:
-            found = existing.read(digest, touch=False)
-            if found is None:
-                missing.append(f"manifest {digest}")
+            if path.is_symlink() or not path.is_dir():
                 continue
-            manifest = found
-        plan.manifests[digest] = manifest
-        for child in children(manifest):
-            queue.append((child.digest, child.media_type))
+            if now - path.stat().st_mtime < ABANDONED_SECONDS:
+                continue  # maybe an import that has not taken its lock yet
+        except OSError:
+            continue  # gone meanwhile
+        try:
+            fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            shutil.rmtree(path, ignore_errors=True)  # old, and no lock ever taken
+            removed += 1
+            continue
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live import, in this or another process
+        finally:
+            os.close(fd)  # closing drops the lock if we got it; the folder is dead
+        shutil.rmtree(path, ignore_errors=True)
+        removed += 1
+    return removed
+
+
+def _member_name(member: tarfile.TarInfo) -> str:
+    """The member's path relative to the layout root, or ArchiveError."""
+    raw = member.name
+    name = raw.rstrip("/")
+    if name == ".":
+        return ""
+    name = name.removeprefix("./")
+    parts = name.split("/") if name else []
+    if raw.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ArchiveError(f"refusing archive member {raw!r}: not a plain relative path")
+    if "\\" in name or any(ord(c) < 0x20 for c in name):
+        raise ArchiveError(f"refusing archive member {raw!r}: not a plain relative path")
+    return name
+
+
+def _read_document(tar: tarfile.TarFile, member: tarfile.TarInfo, meter: _Meter) -> bytes:
+    if member.size > MAX_DOCUMENT:
+        raise ArchiveError(f"{member.name} is {member.size} bytes; at most {MAX_DOCUMENT} allowed")
+    f = tar.extractfile(member)
+    assert f is not None  # a regular file
+    data = f.read()
+    meter.add(len(data))
+    return data
+
+
+def _stage_blob(
+    tar: tarfile.TarFile, member: tarfile.TarInfo, digest: Digest, target: Path, meter: _Meter
+) -> None:
+    """Copy a blob out of the archive, hashing it; refuse it if it is not what it claims."""
+    source = tar.extractfile(member)
+    assert source is not None
+    hasher = digest.hasher()
+    with target.open("xb") as out:
+        while chunk := source.read(CHUNK):
+            hasher.update(chunk)
+            out.write(chunk)
+            meter.add(len(chunk))
+    actual = hasher.hexdigest()
+    if actual != digest.hex:
+        raise ArchiveError(
+            f"blob {digest} in the archive has content {digest.algorithm}:{actual}: "
+            "the archive was altered or damaged"
+        )
+
+
+def _unpack(src: Path, staging: Path, meter: _Meter) -> _Staged:
+    """Check every member and stage every blob; returns index.json's bytes too."""
+    try:
+        f = src.open("rb")
+    except OSError as exc:
+        raise ArchiveError(f"cannot read it: {exc.strerror or exc}") from exc
+    with f:
+        head = f.read(8)
+        for magic, kind in _COMPRESSED.items():
+            if head.startswith(magic):
+                raise ArchiveError(
+                    f"it is {kind}-compressed; import takes a plain tar (decompress it first)"
+                )
+        f.seek(0)
+        tar = _open_tar(f)
+        staged: dict[Digest, Path] = {}
+        documents: dict[str, bytes] = {}
+        seen: set[str] = set()
+        with tar:
+            for member in tar:
+                _unpack_member(tar, member, staging, staged, documents, seen, meter)
+                meter.reach(tar.offset)
+            # tarfile takes a missing end-of-archive marker, or a header it
+            # cannot parse, for the end: a tar cut at a member boundary or
+            # damaged in a header would otherwise look whole.
+            f.seek(tar.offset)
+            end = f.read(tarfile.BLOCKSIZE)
+            if len(end) < tarfile.BLOCKSIZE or end.count(0) != tarfile.BLOCKSIZE:
+                raise ArchiveError(
+                    "the archive is damaged or truncated: no end-of-archive marker at byte "
+                    f"{tar.offset}"
+                )
+            meter.reach(os.fstat(f.fileno()).st_size)
+    if "oci-layout" not in documents or "index.json" not in documents:
+        raise ArchiveError("not an OCI image layout: it has no oci-layout or index.json")
+    try:
+        version = json.loads(documents["oci-layout"]).get("imageLayoutVersion")
+    except (ValueError, AttributeError):
+        version = None
+    if not isinstance(version, str) or not version.startswith("1."):
+        raise ArchiveError("oci-layout does not declare an OCI image layout 1.x")
+    return _Staged(documents["index.json"], staged)
+
+
+def _open_tar(f: IO[bytes]) -> tarfile.TarFile:
+    try:
+        return tarfile.open(fileobj=f, mode="r:")
+    except tarfile.ReadError as exc:
+        raise ArchiveError(f"not a tar archive ({exc})") from exc
+
+
+def _unpack_member(
+    tar: tarfile.TarFile,
+    member: tarfile.TarInfo,
+    staging: Path,
+    staged: dict[Digest, Path],
+    documents: dict[str, bytes],
+    seen: set[str],
+    meter: _Meter,
+) -> None:
+    name = _member_name(member)
+    if member.isdir():
+        if name not in ("", "blobs") and not _BLOB_DIR.match(name):
+            raise ArchiveError(f"unexpected folder {member.name!r} in the archive")
+        return
+    if not member.isreg():
+        kind = _KINDS.get(member.type, f"of tar type {member.type!r}")
+        raise ArchiveError(f"refusing archive member {member.name!r}: {kind}, not a regular file")
+    if name in seen:
+        raise ArchiveError(f"archive member {member.name!r} appears twice")
+    seen.add(name)
+    if name in ("oci-layout", "index.json"):
+        documents[name] = _read_document(tar, member, meter)
+        return
+    match = _BLOB_FILE.match(name)
+    if match is None:
+        raise ArchiveError(f"unexpected archive member {member.name!r}: not part of an OCI layout")
+    try:
+        digest = Digest.parse(f"{match[1]}:{match[2]}")
+    except InvalidDigest as exc:
+        raise ArchiveError(
+            f"archive member {member.name!r} is not named by a digest: {exc}"
+        ) from None
+    target = staging / f"{digest.algorithm}-{digest.hex}"
+    _stage_blob(tar, member, digest, target, meter)
+    staged[digest] = target
+
+
+def _verify(staged: _Staged, layout: Layout) -> _ImportPlan:
+    """Every manifest reachable from index.json, and everything it needs, is there."""
+    tops = _parse_index(staged.index)
+    found: dict[Digest, StoredManifest] = {}
+    order: list[StoredManifest] = []
+    needed: dict[Digest, None] = {}
+    missing: list[str] = []
+    stack = [top.ref for top in reversed(tops)]
+    while stack:
+        ref = stack.pop()
+        if ref.digest in found:
+            continue
+        path = staged.blobs.get(ref.digest)
+        if path is None:
+            missing.append(f"manifest {ref.digest} ({ref.named_by})")
+            continue
+        manifest = _load_manifest(ref, path)
+        found[ref.digest] = manifest
+        order.append(manifest)
         for blob in blobs(manifest):
-            plan.blobs.add(blob.digest)
-            if blob.digest not in staged and not layout.blob(blob.digest).exists():
-                missing.append(f"blob {blob.digest}")
-    for image in plan.images:
-        if not image.media_type and image.digest in plan.manifests:
-            image.media_type = plan.manifests[image.digest].media_type
+            if blob.digest in staged.blobs:
+                _check_size(blob.digest, blob.size, staged.blobs[blob.digest])
+            elif not layout.blob(blob.digest).exists():
+                missing.append(f"blob {blob.digest} (of manifest {ref.digest})")
+                continue
+            needed[blob.digest] = None
+        for child in reversed(children(manifest)):
+            if (
+                ref.platforms is not None
+                and not platform_wanted(child, ref.platforms)
+                and child.digest not in staged.blobs
+            ):
+                continue  # exported for other platforms only; absent on purpose
+            stack.append(
+                _Ref(
+                    child.digest,
+                    child.media_type,
+                    child.size,
+                    f"listed by {ref.digest}",
+                    ref.platforms,
+                )
+            )
     if missing:
         raise ArchiveError(
-            f"the archive is incomplete: {len(missing)} missing ({', '.join(missing[:3])}...)"
+            f"the archive is incomplete, {len(missing)} missing: {_listing(missing)}"
         )
-    return plan
+    images = [
+        ImportedImage(top.ref_name, top.ref.digest, found[top.ref.digest].media_type)
+        for top in tops
+    ]
+    # Children first, so no index is ever stored before what it lists.
+    return _ImportPlan(images, order[::-1], list(needed))
 
 
-def _declared(data: bytes) -> str:
+def _parse_index(raw: bytes) -> list[_Top]:
+    try:
+        index = json.loads(raw)
+    except ValueError as exc:
+        raise ArchiveError(f"index.json is not JSON: {exc}") from None
+    listed = index.get("manifests") if isinstance(index, dict) else None
+    if not isinstance(listed, list):
+        raise ArchiveError("index.json is not an OCI index: it has no list of manifests")
+    tops = []
+    for i, entry in enumerate(listed):
+        where = f"index.json manifests[{i}]"
+        if not isinstance(entry, dict):
+            raise ArchiveError(f"{where} is not a descriptor")
+        try:
+            digest = Digest.parse(str(entry.get("digest", "")))
+        except InvalidDigest as exc:
+            raise ArchiveError(f"{where}: {exc}") from None
+        media_type = entry.get("mediaType", "")
+        size = entry.get("size")
+        annotations = entry.get("annotations", {})
+        if not isinstance(media_type, str):
+            raise ArchiveError(f"{where}: mediaType is not a string")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool)):
+            raise ArchiveError(f"{where}: size is not a number")
+        if not isinstance(annotations, dict):
+            raise ArchiveError(f"{where}: annotations is not an object")
+        ref_name = annotations.get(REF_NAME)
+        if ref_name is not None and (not isinstance(ref_name, str) or not ref_name):
+            raise ArchiveError(f"{where}: {REF_NAME} is not a name")
+        platforms = annotations.get(PLATFORMS)
+        wanted = None
+        if isinstance(platforms, str) and platforms:
+            wanted = frozenset(p.strip() for p in platforms.split(",") if p.strip())
+        named_by = f"named {ref_name!r} in index.json" if ref_name else where
+        tops.append(_Top(_Ref(digest, media_type, size, named_by, wanted), ref_name))
+    return tops
+
+
+def _load_manifest(ref: _Ref, path: Path) -> StoredManifest:
+    size = _check_size(ref.digest, ref.size, path)
+    if size > MAX_DOCUMENT:
+        raise ArchiveError(f"manifest {ref.digest} is {size} bytes; at most {MAX_DOCUMENT} allowed")
+    data = path.read_bytes()
     try:
         doc = json.loads(data)
     except ValueError:
-        return "application/octet-stream"
-    media_type = doc.get("mediaType") if isinstance(doc, dict) else None
-    return (
-        media_type if isinstance(media_type, str) else "application/vnd.oci.image.manifest.v1+json"
-    )
+        doc = None
+    if not isinstance(doc, dict):
+        raise ArchiveError(f"{ref.digest} ({ref.named_by}) is not a manifest: not a JSON object")
+    media_type = ref.media_type or _declared_type(doc)
+    if not _MEDIA_TYPE.match(media_type):
+        raise ArchiveError(f"manifest {ref.digest} has an invalid media type {media_type!r}")
+    return StoredManifest(ref.digest, media_type, data)
+
+
+def _check_size(digest: Digest, declared: int | None, path: Path) -> int:
+    size = path.stat().st_size
+    if declared is not None and declared != size:
+        raise ArchiveError(
+            f"{digest} in the archive is {size} bytes but is described as {declared}; "
+            "the archive was altered or damaged"
+        )
+    return size
+
+
+def _declared_type(doc: dict[str, Any]) -> str:
+    """A manifest's media type when no descriptor gave one."""
+    declared = doc.get("mediaType")
+    if isinstance(declared, str) and declared:
+        return declared
+    if doc.get("schemaVersion") == 1:
+        return DOCKER_SCHEMA1_SIGNED if "signatures" in doc else DOCKER_SCHEMA1
+    return OCI_INDEX if "manifests" in doc else OCI_MANIFEST
+
+
+def _commit(plan: _ImportPlan, staged: _Staged, layout: Layout) -> ImportSummary:
+    """Move verified blobs into place, then store the manifests; undo all on failure."""
+    summary = ImportSummary(images=plan.images)
+    added: list[Path] = []
+    made: list[Path] = []  # folders created, to remove again if we fail
+    synced: set[Path] = set()
+    now = time.time()
+    try:
+        for digest in plan.blobs:
+            target = layout.blob(digest)
+            if target.exists():
+                summary.blobs_present += 1
+                with contextlib.suppress(FileNotFoundError):
+                    os.utime(target, (now, now))  # a use, for eviction
+                continue
+            source = _staged_blob(staged, digest)
+            with source.open("rb") as f:
+                os.fsync(f.fileno())
+                size = os.fstat(f.fileno()).st_size
+            for folder in (target.parent.parent, target.parent):
+                if not folder.is_dir():
+                    folder.mkdir()
+                    made.append(folder)
+                    synced.add(folder.parent)
+            source.replace(target)
+            added.append(target)
+            synced.add(target.parent)
+            # Staged maybe long ago: committed now is the last use eviction sees.
+            os.utime(target, (now, now))
+            summary.blobs_added += 1
+            summary.bytes_added += size
+        for folder in sorted(synced, key=lambda p: len(p.parts), reverse=True):
+            fsync_dir(folder)
+        store = ManifestStore(layout)
+        for manifest in plan.manifests:
+            target = layout.manifest(manifest.digest)
+            if target.exists():
+                continue
+            for folder in (target.parent.parent, target.parent):
+                if not folder.is_dir():
+                    folder.mkdir()
+                    made.append(folder)
+            store.write(manifest)
+            added.append(target)
+            summary.manifests_added += 1
+            summary.bytes_added += len(manifest.data)
+    except BaseException:
+        for path in reversed(added):
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty: someone else may have used it meanwhile
+        raise
+    return summary
+
+
+def _staged_blob(staged: _Staged, digest: Digest) -> Path:
+    source = staged.blobs.get(digest)
+    if source is None:  # it was in the cache when verified, and was evicted since
+        raise ArchiveError(f"blob {digest} left the cache during the import; retry")
+    return source

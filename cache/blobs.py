@@ -63,7 +63,8 @@ def _lock_is_free(fd: int) -> bool:
 class BlobWriter:
     """The one writer of a digest: hashes as it writes, commits only verified bytes.
 
-    Its methods block on disk I/O; call them from a worker thread.
+    Its methods block on disk I/O: the store runs small writes on the event loop
+    and large ones, fsync and rename in worker threads.
     """
 
     def __init__(self, layout: Layout, digest: Digest, fd: int) -> None:
@@ -335,8 +336,10 @@ class BlobStore:
         removed = 0
         now = time.time()
         for path in sorted(self.layout.tmp.iterdir()):
-            if not path.exists():
-                continue  # a .size file removed with its .partial
+            if not path.exists() or path.is_dir():
+                # A .size file removed with its .partial; or an import's staging
+                # folder, which archive.remove_abandoned_imports looks after.
+                continue
             if path.suffix == ".partial":
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
                 try:

@@ -12,6 +12,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from cache.archive import remove_abandoned_imports
 from cache.blobs import BlobStore
 from cache.index import TagIndex
 from cache.layout import Layout
@@ -97,7 +98,7 @@ async def open_mirrors(settings: Settings, metrics: Metrics) -> AsyncIterator[Re
     stores: dict[Layout, tuple[BlobStore, ManifestStore]] = {}
     for layout in distinct:
         blobs = BlobStore(layout, read_timeout=settings.read_timeout, on_commit=housekeeper.poke)
-        removed = blobs.remove_stale()
+        removed = blobs.remove_stale() + remove_abandoned_imports(layout)
         if removed:
             log.info("removed %d temp files left by an earlier run in %s", removed, layout.root)
         stores[layout] = (blobs, ManifestStore(layout))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from cache.archive import remove_abandoned_imports
 from cache.blobs import BlobStore
 from metrics import MULTIPROCESS_ENV
 from proxy import stats
@@ -190,7 +191,7 @@ def serve(settings: Settings) -> int:
     removed = 0
     for layout in {layout.root: layout for layout in layouts(settings).values()}.values():
         layout.create()
-        removed += BlobStore(layout).remove_stale()
+        removed += BlobStore(layout).remove_stale() + remove_abandoned_imports(layout)
     log.info(
         "pullthrough mirroring %s on http://%s:%d, cache %s, %d worker(s)%s",
         ", ".join(f"{u.name}={u.url}" for u in settings.all_upstreams()),

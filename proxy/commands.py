@@ -29,6 +29,7 @@ from proxy.errors import RegistryError
 from proxy.housekeeping import Housekeeper
 from proxy.mirror import ANY_CLIENT, DOCKER_LIST, OCI_INDEX
 from proxy.names import ImageRef
+from proxy.stats import human
 
 INDEXES = (OCI_INDEX, DOCKER_LIST)
 
@@ -81,8 +82,8 @@ def _warm(args: argparse.Namespace, settings: Settings, console: Console) -> int
     )
     console.print(
         f"warmed {summary.images} image(s) in {time.monotonic() - started:.1f}s: "
-        f"fetched {summary.fetched} blob(s) ({tools.human(summary.fetched_bytes)}), "
-        f"{summary.cached} already cached ({tools.human(summary.cached_bytes)}), "
+        f"fetched {summary.fetched} blob(s) ({human(summary.fetched_bytes)}), "
+        f"{summary.cached} already cached ({human(summary.cached_bytes)}), "
         f"{summary.manifests} manifest(s)"
     )
     if summary.failed:
@@ -115,7 +116,7 @@ def _export(args: argparse.Namespace, settings: Settings, console: Console) -> i
             )
     console.print(
         f"wrote {args.output}: {summary.images} image(s), {summary.manifests} manifest(s), "
-        f"{summary.blobs} blob(s), {tools.human(summary.bytes)}"
+        f"{summary.blobs} blob(s), {human(summary.bytes)}"
     )
     return 0
 
@@ -136,7 +137,7 @@ def _import(args: argparse.Namespace, settings: Settings, console: Console) -> i
     console.print(
         f"imported {len(summary.images)} image(s) from {archive}: "
         f"{summary.manifests_added} manifest(s), {summary.blobs_added} blob(s) added "
-        f"({tools.human(summary.bytes_added)}), {summary.blobs_present} already cached; "
+        f"({human(summary.bytes_added)}), {summary.blobs_present} already cached; "
         "every digest verified"
     )
     return 0
@@ -174,15 +175,11 @@ def _cache(args: argparse.Namespace, settings: Settings, console: Console) -> in
             total = usage.blob_bytes + usage.manifest_bytes
             limit = settings.max_size
             console.print(
-                f"{tools.human(total)} in {usage.blobs} blob(s) "
-                f"({tools.human(usage.blob_bytes)}) and {usage.manifests} manifest(s) "
-                f"({tools.human(usage.manifest_bytes)}); {usage.temp_files} temp file(s) "
-                f"({tools.human(usage.temp_bytes)})"
-                + (
-                    f"; limit {tools.human(limit)} ({100 * total / limit:.0f}% used)"
-                    if limit
-                    else ""
-                )
+                f"{human(total)} in {usage.blobs} blob(s) "
+                f"({human(usage.blob_bytes)}) and {usage.manifests} manifest(s) "
+                f"({human(usage.manifest_bytes)}); {usage.temp_files} temp file(s) "
+                f"({human(usage.temp_bytes)})"
+                + (f"; limit {human(limit)} ({100 * total / limit:.0f}% used)" if limit else "")
             )
         else:
             pins = tools.pin(keeper, args.images, remove=args.action == "unpin")
@@ -196,9 +193,9 @@ def _gc(args: argparse.Namespace, settings: Settings, console: Console) -> int:
     verb = "removed" if args.delete else "would remove"
     console.print(
         f"{verb} {len(result.unreferenced)} unreferenced blob(s) "
-        f"({tools.human(result.unreferenced_bytes)}), {result.temp} temp file(s), "
+        f"({human(result.unreferenced_bytes)}), {result.temp} temp file(s), "
         f"{result.evicted} object(s) over the size/age limits "
-        f"({tools.human(result.evicted_bytes)})"
+        f"({human(result.evicted_bytes)})"
     )
     if not args.delete:
         console.print("nothing was deleted: run `pullthrough gc --delete` to do it")

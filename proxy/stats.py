@@ -17,7 +17,8 @@ def fetch(url: str, timeout: float = 10.0) -> str:
         return text
 
 
-def _size(n: float) -> str:
+def human(n: float) -> str:
+    """Bytes for a person: 412.0 MiB."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -57,7 +58,7 @@ def summarize(text: str) -> str:
     lines.insert(1, "requests")
     saved = total("pullthrough_served_bytes_total", source="cache")
     fetched = total("pullthrough_served_bytes_total", source="upstream")
-    lines.append(f"bytes saved   {_size(saved)} served from cache, {_size(fetched)} from upstream")
+    lines.append(f"bytes saved   {human(saved)} served from cache, {human(fetched)} from upstream")
     by_status: dict[str, float] = defaultdict(float)
     for labels, value in samples.get("pullthrough_upstream_requests_total", []):
         by_status[labels.get("status", "?")] += value
@@ -74,7 +75,7 @@ def summarize(text: str) -> str:
     if stale:
         lines.append(f"stale         {stale:.0f} answers while the upstream could not be asked")
     lines.append(
-        f"cache         {_size(total('pullthrough_cache_size_bytes'))} in "
+        f"cache         {human(total('pullthrough_cache_size_bytes'))} in "
         f"{total('pullthrough_cache_objects', kind='blob'):.0f} blobs, "
         f"{total('pullthrough_cache_objects', kind='manifest'):.0f} manifests"
     )

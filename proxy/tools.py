@@ -27,6 +27,7 @@ from rich.progress import (
 from rich.table import Table
 
 from cache import graph
+from cache.archive import remove_abandoned_imports
 from cache.blobs import STALE_TMP_SECONDS, BlobStore
 from cache.digests import Digest
 from cache.evict import entries
@@ -40,16 +41,9 @@ from proxy.errors import RegistryError
 from proxy.housekeeping import Housekeeper, pin_all
 from proxy.mirror import ACCEPT_ALL, Mirror
 from proxy.names import ImageRef, Reference
+from proxy.stats import human
 
 PARALLEL_DOWNLOADS = 4
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 # -- warm ---------------------------------------------------------------------------
@@ -290,7 +284,7 @@ def collect_garbage(keeper: Housekeeper, *, delete: bool) -> Collection:
                 if delete:
                     entry.path.unlink(missing_ok=True)
         if delete:
-            result.temp += BlobStore(layout).remove_stale()
+            result.temp += BlobStore(layout).remove_stale() + remove_abandoned_imports(layout)
         else:
             result.temp += sum(1 for _ in layout.tmp.iterdir()) if layout.tmp.is_dir() else 0
     if keeper.limited:

@@ -1,14 +1,26 @@
-"""Air-gapped transfer: export on one mirror, import on another that is offline."""
+"""Air-gapped transfer: export on one mirror, import on another that is offline.
+
+The CLI end to end, then ``cache.archive`` against skopeo 1.9 directly: skopeo
+reads our archives, we read its ``oci-archive:`` ones.
+"""
 
 from __future__ import annotations
 
-import os
+import hashlib
+import json
 import subprocess
-import sys
+import tarfile
 from pathlib import Path
 
-from tests.support.images import seed_images
-from tests.support.mirror import MirrorProcess, blob_files
+import pytest
+
+from cache.archive import ExportImage, export_archive, import_archive
+from cache.digests import Digest
+from cache.graph import children
+from cache.layout import Layout
+from cache.manifests import ManifestStore, StoredManifest
+from tests.support.images import OCI_INDEX, OCI_MANIFEST, Image, Manifest, seed_images
+from tests.support.mirror import MirrorProcess, blob_files, run_cli
 from tests.support.registry import Registry, RegistryFactory
 from tests.support.skopeo import Skopeo, dir_blob_digests, dir_manifest
 
@@ -16,15 +28,7 @@ ALPINE = "library/alpine:3.19"
 
 
 def cli(*args: str, cache: Path, upstream: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PULLTHROUGH_CACHE_DIR": str(cache), "PULLTHROUGH_UPSTREAM": upstream}
-    return subprocess.run(
-        [sys.executable, "-m", "proxy", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
+    return run_cli(*args, cache=cache, upstream=upstream)
 
 
 def test_export_then_offline_import_then_pull_gives_the_original_digests(
@@ -112,3 +116,142 @@ def test_a_tampered_bundle_is_rejected_and_nothing_is_kept(
     assert "altered or damaged" in result.stdout
     assert blob_files(target) == []
     assert [p for p in (target / "manifests").rglob("*") if p.is_file()] == []
+
+
+# -- cache.archive against skopeo 1.9 ---------------------------------------------------
+
+
+def stored(manifest: Manifest) -> StoredManifest:
+    return StoredManifest(Digest.parse(manifest.digest), manifest.media_type, manifest.data)
+
+
+def filled(root: Path, *images: Image) -> Layout:
+    """A cache holding ``images`` as the mirror stores them."""
+    layout = Layout(root)
+    layout.create()
+    store = ManifestStore(layout)
+    for image in images:
+        for blob in image.blobs:
+            path = layout.blob(Digest.parse(blob.digest))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(blob.data)
+        for m in image.manifests:
+            store.write(stored(m))
+    return layout
+
+
+def test_skopeo_reads_what_export_archive_writes(skopeo_cli: Skopeo, tmp_path: Path) -> None:
+    images = seed_images()
+    hello, ociapp, alpine = (
+        images["library/hello:latest"],
+        images["library/ociapp:v1"],
+        images[ALPINE],
+    )
+    layout = filled(tmp_path / "cache", hello, ociapp, alpine)
+    bundle = tmp_path / "bundle.tar"
+    export_archive(
+        bundle,
+        [
+            ExportImage("docker.io/library/hello:latest", stored(hello.top)),
+            ExportImage("docker.io/library/ociapp:v1", stored(ociapp.top)),
+            ExportImage("docker.io/library/alpine:3.19", stored(alpine.top)),
+        ],
+        layout,
+    )
+    # The path ends at the first ':', the rest is the ref name, ':' and '/' and all.
+    # skopeo 1.9 looks names up among OCI-typed descriptors only: this works for
+    # ociapp (an OCI index) and not for hello or alpine (Docker-typed).
+    whole = tmp_path / "ociapp"
+    skopeo_cli.run(
+        "copy", "--all", f"oci-archive:{bundle}:docker.io/library/ociapp:v1", f"dir:{whole}"
+    )
+    assert dir_manifest(whole) == ociapp.top.data
+    for child in ociapp.children:
+        assert dir_manifest(whole, child.digest) == child.data
+    assert dir_blob_digests(whole) == {b.digest for b in ociapp.blobs}
+
+    # A Docker-typed image is found when it is the archive's only one.
+    single = tmp_path / "hello.tar"
+    export_archive(
+        single, [ExportImage("docker.io/library/hello:latest", stored(hello.top))], layout
+    )
+    one = tmp_path / "hello"
+    skopeo_cli.run("copy", f"oci-archive:{single}", f"dir:{one}")
+    assert dir_manifest(one) == hello.top.data
+    assert dir_blob_digests(one) == {b.digest for b in hello.blobs}
+
+
+def test_skopeo_pulls_the_exported_platform_of_a_filtered_index(
+    skopeo_cli: Skopeo, tmp_path: Path
+) -> None:
+    alpine = seed_images()[ALPINE]
+    amd64 = alpine.for_platform("linux/amd64")
+    layout = filled(tmp_path / "cache", alpine)
+    bundle = tmp_path / "amd64.tar"
+    export_archive(
+        bundle,
+        [
+            ExportImage(
+                "docker.io/library/alpine:3.19", stored(alpine.top), frozenset({"linux/amd64"})
+            )
+        ],
+        layout,
+    )
+    dest = tmp_path / "out"
+    skopeo_cli.run("copy", f"oci-archive:{bundle}", f"dir:{dest}")  # skopeo_cli is linux/amd64
+    assert dir_manifest(dest) == amd64.data
+    assert dir_blob_digests(dest) == {b.digest for b in alpine.blobs_of(amd64)}
+
+
+@pytest.mark.parametrize("all_images", [False, True], ids=["one-platform", "all"])
+def test_import_archive_loads_what_skopeo_writes(
+    all_images: bool, upstream: Registry, skopeo_cli: Skopeo, tmp_path: Path
+) -> None:
+    theirs = tmp_path / "theirs.tar"
+    skopeo_cli.copy(
+        f"docker://{upstream.host}/{ALPINE}", f"oci-archive:{theirs}:alpine", all_images=all_images
+    )
+    with tarfile.open(theirs) as tar:
+        written = {
+            m.name: f.read() for m in tar if m.isreg() and (f := tar.extractfile(m)) is not None
+        }
+    index = json.loads(written["index.json"])
+    [top] = index["manifests"]
+    # skopeo converts Docker manifests to OCI, so these digests are its own.
+    assert top["mediaType"] == (OCI_INDEX if all_images else OCI_MANIFEST)
+
+    layout = Layout(tmp_path / "cache")
+    summary = import_archive(theirs, layout)
+    assert [(i.ref_name, str(i.digest), i.media_type) for i in summary.images] == [
+        ("alpine", top["digest"], top["mediaType"])
+    ]
+    store = ManifestStore(layout)
+    manifests = {}
+    pending = [Digest.parse(top["digest"])]
+    while pending:
+        found = store.read(pending.pop())
+        assert found is not None
+        manifests[found.digest] = found
+        pending.extend(c.digest for c in children(found))
+    assert len(manifests) == (3 if all_images else 1)
+    blobs = {n: d for n, d in written.items() if n.startswith("blobs/")}
+    for name, data in blobs.items():
+        digest = Digest.parse(name.removeprefix("blobs/").replace("/", ":"))
+        assert hashlib.sha256(data).hexdigest() == digest.hex
+        if digest in manifests:
+            assert manifests[digest].data == data
+        else:
+            assert layout.blob(digest).read_bytes() == data
+    assert summary.manifests_added == len(manifests)
+    assert summary.blobs_added == len(blobs) - len(manifests)
+    assert list(layout.tmp.iterdir()) == []
+
+    # And back: skopeo finds this one by name, as skopeo made it OCI-typed.
+    again = tmp_path / "again.tar"
+    top_manifest = store.read(Digest.parse(top["digest"]))
+    assert top_manifest is not None
+    export_archive(again, [ExportImage("alpine", top_manifest)], layout)
+    dest = tmp_path / "dir"
+    skopeo_cli.run("copy", f"oci-archive:{again}:alpine", f"dir:{dest}")
+    if not all_images:
+        assert dir_manifest(dest) == top_manifest.data

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -12,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.images import Image, make_image
-from tests.support.mirror import MirrorProcess, blob_files
+from tests.support.mirror import MirrorProcess, blob_files, run_cli
 from tests.support.registry import Registry, RegistryFactory
 from tests.support.skopeo import Skopeo, dir_blob_digests
 
@@ -27,17 +25,8 @@ def images(n: int) -> list[Image]:
     ]
 
 
-def cli(*args: str, cache: Path, upstream: Registry, extra: dict[str, str] | None = None) -> str:
-    env = {**os.environ, "PULLTHROUGH_CACHE_DIR": str(cache), "PULLTHROUGH_UPSTREAM": upstream.url}
-    env.update(extra or {})
-    result = subprocess.run(
-        [sys.executable, "-m", "proxy", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
+def cli(*args: str, cache: Path, upstream: Registry) -> str:
+    result = run_cli(*args, cache=cache, upstream=upstream.url)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 

@@ -127,3 +127,22 @@ class MirrorProcess:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+def run_cli(
+    *args: str, cache: Path, upstream: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``pullthrough ARGS`` as a user runs it, on ``cache`` with ``upstream``."""
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args],
+        capture_output=True,
+        text=True,
+        env={
+            **os.environ,
+            "PULLTHROUGH_CACHE_DIR": str(cache),
+            "PULLTHROUGH_UPSTREAM": upstream,
+            **(env or {}),
+        },
+        timeout=120,
+        check=False,
+    )

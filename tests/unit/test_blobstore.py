@@ -159,3 +159,13 @@ async def test_cancelled_download_leaves_nothing(layout: Layout) -> None:
     await store.close()
     assert store.stat(DIGEST) is None
     assert list(layout.tmp.iterdir()) == []
+
+
+def test_a_killed_imports_folder_does_not_stop_start_up(layout: Layout) -> None:
+    staging = layout.tmp / "import-0123456789ab"
+    staging.mkdir()
+    (staging / "sha256-x").write_bytes(b"half an import")
+    old = 0.0
+    os.utime(staging, (old, old))
+    assert BlobStore(layout).remove_stale() == 0  # not its business: no crash either
+    assert staging.exists()

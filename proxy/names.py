@@ -16,6 +16,12 @@ _TAG = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$")
 MAX_NAME_LENGTH = 255
 
 
+def is_registry_host(component: str) -> bool:
+    """Docker's rule for a reference's first component: with a dot or a colon, or
+    ``localhost``, it names a registry (``ghcr.io``); otherwise it is a path."""
+    return "." in component or ":" in component or component == "localhost"
+
+
 def repository(raw: str, *, docker_hub_rules: bool) -> str:
     """Validate a repository name; one-part Docker Hub names live under ``library/``."""
     if len(raw) > MAX_NAME_LENGTH or not _NAME.match(raw):
@@ -67,7 +73,7 @@ class ImageRef:
             last, tag = last.split(":", 1)
             name = f"{head}{slash}{last}"
         first, slash, rest = name.partition("/")
-        if slash and ("." in first or ":" in first or first == "localhost"):
+        if slash and is_registry_host(first):
             upstream, path = first.lower(), rest
         else:
             upstream, path = DOCKER_HUB_NAME, name

@@ -89,7 +89,7 @@ def route(request: web.Request, name: str) -> tuple[Mirror, str]:
         request[NAMESPACE] = ns
         return mirror, name
     first, slash, rest = name.partition("/")
-    if slash and ("." in first or ":" in first or first == "localhost"):
+    if slash and names.is_registry_host(first):
         mirror = mirrors.find(first)
         if mirror is None:
             raise UpstreamUnknown(first)

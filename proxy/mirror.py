@@ -40,6 +40,7 @@ from proxy.upstream import UpstreamClient, raise_for_status
 log = logging.getLogger(__name__)
 
 PROBE_SECONDS = 30.0
+FETCH_BATCH = 1 << 20
 # distribution refuses manifests over 4 MiB; so do we, to bound memory.
 MAX_MANIFEST_BYTES = 4 << 20
 
@@ -381,7 +382,13 @@ class Mirror:
                 try:
                     await raise_for_status(resp, "blobs", str(digest))
                     await sink.begin(resp.content_length)
-                    async for chunk in resp.content.iter_any():
+                    while chunk := await resp.content.readany():
+                        # Take what else has arrived too: one step per MiB, not per
+                        # socket read, when the upstream outpaces us.
+                        if len(chunk) < FETCH_BATCH and (
+                            more := resp.content.read_nowait(FETCH_BATCH - len(chunk))
+                        ):
+                            chunk += more
                         await sink.write(chunk)
                 finally:
                     resp.release()

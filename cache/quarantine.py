@@ -63,7 +63,8 @@ def report(found: Corrupt) -> None:
     """The operator's WARNING for a corrupt object."""
     where = f"moved to {found.moved_to}" if found.moved_to else "already gone"
     log.warning(
-        "corrupt %s %s on disk (%s): %s; it will be fetched again from the upstream",
+        "corrupt %s %s on disk (%s): %s; a miss from now on, fetched again from the "
+        "upstream when asked for",
         found.kind,
         found.digest,
         found.detail,

@@ -176,6 +176,19 @@ def test_with_no_recheck_interval_every_pass_reads_everything(layout: Layout) ->
     assert counts == {"bytes": 2 * len(data)}
 
 
+def test_the_scrub_finds_a_corrupt_manifest_nobody_asked_for(
+    layout: Layout, caplog: pytest.LogCaptureFixture
+) -> None:
+    digest = put_manifest(layout)
+    flip(layout.manifest(digest), len(MEDIA_TYPE) + 8)
+    counts: dict[str, int] = {}
+    with caplog.at_level(logging.WARNING):
+        scrubber(layout, counts).scrub_once(Throttle(0))
+    assert counts["manifest"] == 1
+    assert layout.quarantined("manifest", digest).exists()
+    assert caplog.text.count(f"corrupt manifest {digest}") == 1
+
+
 @pytest.mark.parametrize(
     ("raw", "rate"),
     [("20MiB", 20 * 1024 * 1024), ("20MiB/s", 20 * 1024 * 1024), ("0", 0), ("1000", 1000)],

@@ -14,9 +14,20 @@ The whole on-disk layout, in one place::
       tmp/<random>.tmp                         a manifest or index file being written
       index/                                   diskcache: (repository, tag, accept) ->
                                                (digest, media type, time fetched)
+      quarantine/<kind>-<algorithm>-<hex>      a blob or manifest found corrupt, moved
+                                               out of the serving path (kind: blob or
+                                               manifest; mtime: when); never served,
+                                               never evicted, safe to delete any time
+      scrub.sqlite                             when each blob and manifest was last
+                                               re-hashed from disk: (kind, digest) ->
+                                               (inode, size, time); the scrub skips
+                                               what was verified recently
+      scrub.lock                               flock held by the one process scrubbing
 
 A file under ``blobs/`` or ``manifests/`` only ever appears by ``rename`` after its
-bytes were verified and fsynced, so a reader never sees a half-written one. Names
+bytes were verified and fsynced, so a reader never sees a half-written one. What
+is on disk can still rot: manifests are re-hashed on every read from disk, blobs
+by the background scrub and ``pullthrough cache verify`` (``cache/scrub.py``). Names
 are built from validated digests only (``Digest.parse``): no request can name a
 path outside the root.
 """
@@ -41,6 +52,21 @@ class Layout:
     @property
     def index(self) -> Path:
         return self.root / "index"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.root / "quarantine"
+
+    @property
+    def scrub_db(self) -> Path:
+        return self.root / "scrub.sqlite"
+
+    @property
+    def scrub_lock(self) -> Path:
+        return self.root / "scrub.lock"
+
+    def quarantined(self, kind: str, digest: Digest) -> Path:
+        return self.quarantine / f"{kind}-{digest.algorithm}-{digest.hex}"
 
     def blob(self, digest: Digest) -> Path:
         return self.root / "blobs" / digest.algorithm / digest.hex[:2] / digest.hex

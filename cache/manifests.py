@@ -1,10 +1,18 @@
-"""Manifests: small, immutable, content-addressed files read whole into memory."""
+"""Manifests: small, immutable, content-addressed files read whole into memory.
+
+Every read from disk is verified (a manifest is a few KiB: hashing it costs less
+than the read): one whose bytes no longer hash to its name is moved to the
+quarantine and reported as absent, so the mirror fetches it again instead of
+serving corrupt content under its digest.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cachetools import LRUCache
@@ -13,6 +21,7 @@ from cache.digests import Digest
 from cache.errors import DigestMismatch
 from cache.evict import TOUCH_SECONDS, touch_if_stale
 from cache.layout import Layout, write_atomic
+from cache.quarantine import Corrupt, quarantine, report
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +30,11 @@ class StoredManifest:
     media_type: str
     data: bytes
 
+
+# RFC 6838 type/subtype, as registries send them (parameters are never stored).
+_MEDIA_TYPE = re.compile(
+    rb"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
+)
 
 # Manifests are immutable by digest, so a copy in memory is never stale; this bounds it.
 MEMORY_BYTES = 16 << 20
@@ -33,25 +47,50 @@ class ManifestStore:
     hot manifest costs no thread hop and no file read.
     """
 
-    def __init__(self, layout: Layout, *, memory_bytes: int = MEMORY_BYTES) -> None:
+    def __init__(
+        self,
+        layout: Layout,
+        *,
+        memory_bytes: int = MEMORY_BYTES,
+        on_corrupt: Callable[[], None] = lambda: None,
+    ) -> None:
         self.layout = layout
+        self._on_corrupt = on_corrupt
         self._memory: LRUCache[Digest, StoredManifest] = LRUCache(
             maxsize=memory_bytes, getsizeof=lambda m: len(m.data) + 256
         )
         self._touched: dict[Digest, float] = {}
 
     def read(self, digest: Digest, *, touch: bool = True) -> StoredManifest | None:
-        """Blocking; ``get`` is the same off the event loop."""
+        """Blocking; ``get`` is the same off the event loop. None: not cached, or
+        corrupt (then quarantined)."""
+        found = self.check(digest, touch=touch)
+        return found if isinstance(found, StoredManifest) else None
+
+    def check(
+        self, digest: Digest, *, touch: bool = False, log: bool = True
+    ) -> StoredManifest | Corrupt | None:
+        """Read ``digest`` from disk (never from memory) and verify it; a corrupt
+        one is quarantined, counted and (``log``) logged. None: not on disk."""
         path = self.layout.manifest(digest)
         try:
             with path.open("rb") as f:
                 raw = f.read()
-                if touch:  # a use, for eviction; listing the cache is not one
-                    touch_if_stale(path, os.fstat(f.fileno()).st_mtime)
+                st = os.fstat(f.fileno())
         except FileNotFoundError:
             return None
-        media_type, _, data = raw.partition(b"\n")
-        return StoredManifest(digest, media_type.decode(), data)
+        media_type, newline, data = raw.partition(b"\n")
+        problem = _damage(digest, media_type, newline, data)
+        if problem is not None:
+            moved = quarantine(self.layout, "manifest", digest, path, st.st_ino)
+            found = Corrupt("manifest", digest, problem, moved)
+            if log:
+                report(found)
+            self._on_corrupt()
+            return found
+        if touch:  # a use, for eviction; listing the cache is not one
+            touch_if_stale(path, st.st_mtime)
+        return StoredManifest(digest, media_type.decode("ascii"), data)
 
     def write(self, manifest: StoredManifest) -> None:
         """Blocking; ``put`` is the same off the event loop."""
@@ -87,3 +126,20 @@ class ManifestStore:
             self._touched = {d: t for d, t in self._touched.items() if d in self._memory}
         self._memory[manifest.digest] = manifest
         self._touched.setdefault(manifest.digest, time.time())
+
+
+def _damage(digest: Digest, media_type: bytes, newline: bytes, data: bytes) -> str | None:
+    """What is wrong with a manifest record read from disk, or None.
+
+    The digest covers the manifest's bytes; the media type line before them can
+    only be checked for its shape (RFC 6838's type/subtype), so a flip that turns
+    one letter into another there goes unseen.
+    """
+    if not newline:
+        return "no media type line"
+    if not _MEDIA_TYPE.fullmatch(media_type):
+        return "the media type line is damaged"
+    actual = Digest.of(data, digest.algorithm)
+    if actual != digest:
+        return f"content hashes to {actual}"
+    return None

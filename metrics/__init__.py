@@ -147,6 +147,22 @@ class Metrics:
             "Bytes removed to keep the cache under its size and age limits",
             registry=self.registry,
         )
+        self.scrub_bytes = Counter(
+            "pullthrough_scrub_bytes",
+            "Bytes of cached blobs and manifests re-hashed by the background scrub",
+            registry=self.registry,
+        )
+        self.scrub_passes = Counter(
+            "pullthrough_scrub_passes",
+            "Walks of the whole cache the background scrub completed",
+            registry=self.registry,
+        )
+        self.corrupt_objects = Counter(
+            "pullthrough_corrupt_objects",
+            "Cached blobs and manifests found corrupt on disk and quarantined, by kind",
+            ["kind"],
+            registry=self.registry,
+        )
 
     def watch_cache(self, measure: Callable[[], CacheUsage]) -> None:
         """Report the cache's size, measured by ``measure`` when scraped."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from cache.blobs import BlobStore
 from cache.index import TagIndex
 from cache.layout import Layout
 from cache.manifests import ManifestStore
+from cache.scrub import Scrubber
 from metrics import CacheUsage, Metrics
 from proxy.config import Settings, UpstreamSettings
 from proxy.errors import oci_errors
@@ -101,7 +103,8 @@ async def open_mirrors(settings: Settings, metrics: Metrics) -> AsyncIterator[Re
         removed = blobs.remove_stale() + remove_abandoned_imports(layout)
         if removed:
             log.info("removed %d temp files left by an earlier run in %s", removed, layout.root)
-        stores[layout] = (blobs, ManifestStore(layout))
+        corrupt = metrics.corrupt_objects.labels("manifest").inc
+        stores[layout] = (blobs, ManifestStore(layout, on_corrupt=corrupt))
     session = new_session(settings)
     mirrors = []
     for up in settings.all_upstreams():
@@ -147,13 +150,38 @@ async def _serve_mirrors(app: web.Application) -> AsyncIterator[None]:
         if resources.housekeeper.limited:
             evictor = asyncio.create_task(resources.housekeeper.run_forever())
             resources.housekeeper.poke()  # check the limits once at start-up
+        stop_scrub = threading.Event()
+        scrubber = _scrub(settings, distinct, metrics, stop_scrub)
         try:
             yield
         finally:
+            stop_scrub.set()
             if evictor is not None:
                 evictor.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await evictor
+            if scrubber is not None:
+                await asyncio.to_thread(scrubber.join)
+
+
+def _scrub(
+    settings: Settings, distinct: list[Layout], metrics: Metrics, stop: threading.Event
+) -> threading.Thread | None:
+    """Start the background scrub (a thread: it reads and hashes, at a bounded rate)."""
+    if settings.scrub_rate == 0:
+        return None
+    scrubber = Scrubber(
+        distinct,
+        # One lock for the whole cache: one scrubbing process per server.
+        Layout(settings.cache_dir.resolve()).scrub_lock,
+        rate=settings.scrub_rate,
+        on_bytes=metrics.scrub_bytes.inc,
+        on_corrupt=lambda kind: metrics.corrupt_objects.labels(kind).inc(),
+        on_pass=metrics.scrub_passes.inc,
+    )
+    thread = threading.Thread(target=scrubber.run, args=(stop,), name="scrub", daemon=True)
+    thread.start()
+    return thread
 
 
 def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:

@@ -129,6 +129,14 @@ def _parser() -> argparse.ArgumentParser:
     actions = cache.add_subparsers(dest="action", required=True)
     _settings_flags(actions.add_parser("ls", help="cached images"), server=False)
     _settings_flags(actions.add_parser("du", help="disk use"), server=False)
+    _settings_flags(
+        actions.add_parser(
+            "verify",
+            help="re-hash every cached blob and manifest; quarantine what is corrupt "
+            "(exit status 1 if anything was)",
+        ),
+        server=False,
+    )
     for name, text in (("pin", "never evict these images"), ("unpin", "evictable again")):
         action = actions.add_parser(name, help=text)
         action.add_argument("images", nargs="+")

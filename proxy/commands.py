@@ -23,6 +23,8 @@ from cache.archive import ExportImage, export_archive, import_archive
 from cache.digests import Digest
 from cache.errors import CacheError
 from cache.index import TagEntry
+from cache.quarantine import Corrupt
+from cache.scrub import total_bytes, verify_all
 from proxy import tools
 from proxy.config import Settings
 from proxy.errors import RegistryError
@@ -167,6 +169,8 @@ def _tag(
 
 
 def _cache(args: argparse.Namespace, settings: Settings, console: Console) -> int:
+    if args.action == "verify":
+        return _verify(settings, console)
     with tools.housekeeper(settings) as keeper:
         if args.action == "ls":
             tools.print_images(tools.list_images(keeper), console)
@@ -179,12 +183,44 @@ def _cache(args: argparse.Namespace, settings: Settings, console: Console) -> in
                 f"({human(usage.blob_bytes)}) and {usage.manifests} manifest(s) "
                 f"({human(usage.manifest_bytes)}); {usage.temp_files} temp file(s) "
                 f"({human(usage.temp_bytes)})"
+                + (
+                    f"; {usage.quarantined} quarantined file(s) "
+                    f"({human(usage.quarantined_bytes)}) in quarantine/"
+                    if usage.quarantined
+                    else ""
+                )
                 + (f"; limit {human(limit)} ({100 * total / limit:.0f}% used)" if limit else "")
             )
         else:
             pins = tools.pin(keeper, args.images, remove=args.action == "unpin")
             console.print("pinned: " + (", ".join(sorted(pins)) or "nothing"))
     return 0
+
+
+def _verify(settings: Settings, console: Console) -> int:
+    with tools.housekeeper(settings) as keeper:
+        layouts = keeper.distinct_layouts()
+        with _bar(console, "verify", total=total_bytes(layouts)) as (progress, task):
+
+            def found(corrupt: Corrupt) -> None:
+                where = f"moved to {corrupt.moved_to}" if corrupt.moved_to else "gone meanwhile"
+                progress.console.print(
+                    f"[red]corrupt {corrupt.kind} {corrupt.digest}: {corrupt.detail}; {where}"
+                )
+
+            report = verify_all(layouts, progress=lambda n: progress.advance(task, n), found=found)
+    summary = (
+        f"verified {report.blobs} blob(s) and {report.manifests} manifest(s), "
+        f"{human(report.bytes)} in {report.seconds:.1f}s: "
+    )
+    if not report.corrupt:
+        console.print(summary + "all intact")
+        return 0
+    console.print(
+        summary + f"[red]{len(report.corrupt)} corrupt[/red], moved to quarantine/ "
+        "(the mirror fetches them again from the upstream when next asked for)"
+    )
+    return 1
 
 
 def _gc(args: argparse.Namespace, settings: Settings, console: Console) -> int:

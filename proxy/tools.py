@@ -231,6 +231,8 @@ class Usage:
     manifest_bytes: int = 0
     temp_files: int = 0
     temp_bytes: int = 0
+    quarantined: int = 0
+    quarantined_bytes: int = 0
 
 
 def disk_usage(layouts: Sequence[Layout]) -> Usage:
@@ -247,6 +249,10 @@ def disk_usage(layouts: Sequence[Layout]) -> Usage:
             with contextlib.suppress(FileNotFoundError):
                 usage.temp_files += 1
                 usage.temp_bytes += path.stat().st_size
+        for path in layout.quarantine.iterdir() if layout.quarantine.is_dir() else ():
+            with contextlib.suppress(FileNotFoundError):
+                usage.quarantined_bytes += path.stat().st_size
+                usage.quarantined += 1
     return usage
 
 

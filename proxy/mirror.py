@@ -34,6 +34,7 @@ from proxy.errors import (
     UpstreamInvalid,
     UpstreamUnavailable,
 )
+from proxy.failures import describe_failure
 from proxy.names import Reference
 from proxy.upstream import UpstreamClient, raise_for_status
 
@@ -208,7 +209,9 @@ class Mirror:
             await self._remember(repository, tag, accept, fetched)
             return _answer(fetched, "upstream")
         try:
-            return await self._resolve_tag(repository, tag, accept, head=head)
+            # Bounded tightly only when a stale answer is there to fall back on.
+            deadline = None if cached is None else self.upstream.options.revalidate_timeout
+            return await self._resolve_tag(repository, tag, accept, head=head, deadline=deadline)
         except (UpstreamUnavailable, TooManyRequests) as exc:
             if cached is None:
                 raise
@@ -218,11 +221,17 @@ class Mirror:
             return _answer(cached, "stale")
 
     async def _resolve_tag(
-        self, repository: str, tag: str, accept: Sequence[str], *, head: bool
+        self,
+        repository: str,
+        tag: str,
+        accept: Sequence[str],
+        *,
+        head: bool,
+        deadline: float | None = None,
     ) -> ManifestAnswer:
         # Resolve the tag with a HEAD (free on Docker Hub's rate limit), then get
         # the content by digest, from the cache when we have it.
-        upstream_head = await self._upstream_head(repository, tag, accept)
+        upstream_head = await self._upstream_head(repository, tag, accept, deadline=deadline)
         if upstream_head.digest is None:
             # An upstream that does not say the digest: only a GET can tell.
             fetched = await self._fetch(repository, tag, accept, expected=None)
@@ -262,10 +271,17 @@ class Mirror:
         await self.tags.put(self._upstream_key, repository, tag, ANY_CLIENT, entry)
 
     async def _upstream_head(
-        self, repository: str, reference: str, accept: Sequence[str]
+        self,
+        repository: str,
+        reference: str,
+        accept: Sequence[str],
+        *,
+        deadline: float | None = None,
     ) -> _UpstreamHead:
         async def call() -> _UpstreamHead:
-            resp = await self.upstream.request("HEAD", repository, "manifests", reference, accept)
+            resp = await self.upstream.request(
+                "HEAD", repository, "manifests", reference, accept, deadline=deadline
+            )
             try:
                 await raise_for_status(resp, "manifests", reference)
                 digest = resp.headers.get("Docker-Content-Digest")
@@ -382,13 +398,7 @@ class Mirror:
                 try:
                     await raise_for_status(resp, "blobs", str(digest))
                     await sink.begin(resp.content_length)
-                    while chunk := await resp.content.readany():
-                        # Take what else has arrived too: one step per MiB, not per
-                        # socket read, when the upstream outpaces us.
-                        if len(chunk) < FETCH_BATCH and (
-                            more := resp.content.read_nowait(FETCH_BATCH - len(chunk))
-                        ):
-                            chunk += more
+                    async for chunk in self.upstream.body(resp, FETCH_BATCH):
                         await sink.write(chunk)
                 finally:
                     resp.release()
@@ -432,10 +442,13 @@ async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes:
     if resp.content_length is not None and resp.content_length > limit:
         raise ManifestTooLarge(f"{resp.content_length} bytes")
     data = bytearray()
-    async for chunk in resp.content.iter_any():
-        data += chunk
-        if len(data) > limit:
-            raise ManifestTooLarge(f"more than {limit} bytes")
+    try:
+        async for chunk in resp.content.iter_any():
+            data += chunk
+            if len(data) > limit:
+                raise ManifestTooLarge(f"more than {limit} bytes")
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise UpstreamUnavailable(describe_failure(exc, resp.url)) from exc
     return bytes(data)
 
 

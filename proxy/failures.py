@@ -6,6 +6,8 @@ to registry-1.docker.io:443: Name or service not known", never a Python repr.
 
 from __future__ import annotations
 
+import os
+import socket
 import ssl
 
 import aiohttp
@@ -53,8 +55,11 @@ def describe_failure(
 def _reason(error: BaseException) -> str:
     if isinstance(error, ssl.SSLError):
         return error.reason or type(error).__name__
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
+    if isinstance(error, socket.gaierror) and error.strerror:
+        return error.strerror  # "Name or service not known"
+    if isinstance(error, OSError) and error.errno:
+        # asyncio's strerror is "Connect call failed ('10.0.0.1', 443)".
+        return os.strerror(error.errno)
     return str(error) or type(error).__name__
 
 

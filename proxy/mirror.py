@@ -398,8 +398,7 @@ class Mirror:
                 try:
                     await raise_for_status(resp, "blobs", str(digest))
                     await sink.begin(resp.content_length)
-                    async for chunk in self.upstream.body(resp, FETCH_BATCH):
-                        await sink.write(chunk)
+                    await self.upstream.copy_body(resp, sink.write, FETCH_BATCH)
                 finally:
                     resp.release()
             finally:

@@ -16,7 +16,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -85,10 +85,6 @@ def parse_ratelimit(headers: Mapping[str, str]) -> RateLimit | None:
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def same_origin(a: URL, b: URL) -> bool:
-    return (a.scheme, a.host, a.port) == (b.scheme, b.host, b.port)
 
 
 def internal_address(ip: IPAddress) -> bool:
@@ -489,44 +485,55 @@ class UpstreamClient:
                 raise RedirectFailed(cause)
         return resp, hops > 0
 
-    async def body(self, resp: aiohttp.ClientResponse, batch: int) -> AsyncIterator[bytes]:
-        """A blob body in chunks of up to ``batch`` bytes (what has arrived, at one
-        step per batch when the upstream outpaces us).
+    async def copy_body(
+        self,
+        resp: aiohttp.ClientResponse,
+        write: Callable[[bytes], Awaitable[None]],
+        batch: int,
+    ) -> None:
+        """Pass a blob body to ``write`` in chunks of up to ``batch`` bytes (what has
+        arrived, one step per batch when the upstream outpaces us).
 
-        Raises UpstreamUnavailable when it breaks, or when it falls below
-        ``min_rate`` bytes a second over any ``rate_window`` seconds: a trickle
-        would otherwise hold the download, and every client on it, for ever.
+        Raises UpstreamUnavailable when the body breaks, or when the upstream sends
+        less than ``min_rate`` bytes a second over ``rate_window`` seconds of our
+        waiting for it: a trickle would otherwise hold the download, and every
+        client following it, for ever. Time spent in ``write`` (our disk) does not
+        count against the upstream.
         """
         loop = asyncio.get_running_loop()
-        window, need = self.options.rate_window, self.options.min_rate * self.options.rate_window
-        started, got = loop.time(), 0
+        window = self.options.rate_window
+        need = self.options.min_rate * window
+        waited, got = 0.0, 0
         while True:
-            limit = asyncio.timeout_at(started + window if need else None)
+            started = loop.time()
+            limit = asyncio.timeout_at(started + window - waited if need else None)
+            chunk = None
             try:
                 async with limit:
                     chunk = await resp.content.readany()
             except TimeoutError as exc:
                 if not limit.expired():
                     raise UpstreamUnavailable(self.failure(exc, resp.url)) from exc
-                chunk = None
             except aiohttp.ClientError as exc:
                 raise UpstreamUnavailable(self.failure(exc, resp.url)) from exc
+            waited += loop.time() - started
             if chunk is not None:
                 if not chunk:
                     return
                 if len(chunk) < batch and (more := resp.content.read_nowait(batch - len(chunk))):
                     chunk += more
                 got += len(chunk)
-                yield chunk
-            if need and loop.time() >= started + window:
+            if need and waited >= window:
                 if got < need:
                     cause = (
-                        f"{where(resp.url)} sent {got} bytes in {window:g} s, below the "
+                        f"{where(resp.url)} sent {got} bytes in {waited:.0f} s, below the "
                         f"minimum of {self.options.min_rate} bytes/s"
                     )
                     self.warn(cause)
                     raise UpstreamUnavailable(cause)
-                started, got = loop.time(), 0
+                waited, got = 0.0, 0
+            if chunk is not None:
+                await write(chunk)
 
 
 async def raise_for_status(resp: aiohttp.ClientResponse, kind: str, reference: str) -> None:

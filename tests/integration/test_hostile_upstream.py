@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -14,9 +15,14 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.test_utils import TestClient, TestServer
+from yarl import URL
 
 from proxy.app import create_app
+from proxy.config import Settings
+from proxy.errors import RedirectRefused
+from proxy.upstream import GuardedConnector, UpstreamClient, UpstreamOptions
 from tests.support.faults import (
     MANIFEST_TYPE,
     Cdn,
@@ -294,3 +300,69 @@ async def test_unreachable_upstream_reads_as_words_and_is_logged_once(
     warnings = [r.getMessage() for r in caplog.records if r.name == "proxy.upstream"]
     cause = f"cannot connect to 127.0.0.1:{port}: Connection refused"
     assert warnings == [f"upstream docker.io: {cause}"]
+
+
+class LoopbackResolver(AbstractResolver):
+    """Every name is 127.0.0.1: lets a test give the upstream and its redirect
+    targets public-looking names while nothing leaves loopback."""
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        return [
+            {
+                "hostname": host,
+                "host": "127.0.0.1",
+                "port": port,
+                "family": socket.AF_INET,
+                "proto": 0,
+                "flags": socket.AI_NUMERICHOST,
+            }
+        ]
+
+    async def close(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize(
+    ("target_host", "allow", "followed"),
+    [
+        ("127.0.0.1", (), False),  # an address, refused before connecting
+        ("cdn.internal", (), False),  # a name, refused once resolved
+        ("cdn.internal", ("cdn.internal",), True),
+        ("cdn.internal", ("127.0.0.0/8",), True),
+    ],
+)
+async def test_a_public_upstream_cannot_redirect_into_the_network(
+    target_host: str,
+    allow: tuple[str, ...],
+    followed: bool,
+    fault: FaultRegistry,
+    upstream: TestServer,
+    aiohttp_server: Server,
+) -> None:
+    cdn = Cdn(fault)
+    cdn_server = await aiohttp_server(cdn.app())
+    fault.redirect_to = f"http://{target_host}:{cdn_server.port}"
+    public = URL(f"http://registry.example:{upstream.port}")
+    settings = Settings(upstream=public, redirect_allow=allow)
+    options = UpstreamOptions.from_settings(settings)
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=LoopbackResolver())) as main,
+        aiohttp.ClientSession(
+            connector=GuardedConnector(options.policy, resolver=LoopbackResolver())
+        ) as redirects,
+    ):
+        (up,) = settings.all_upstreams()
+        client = UpstreamClient(up, main, redirect_session=redirects, options=options)
+        if not followed:
+            with pytest.raises(RedirectRefused):
+                await client.request("GET", "library/app", "blobs", DIGEST)
+            assert cdn.seen == []
+            return
+        resp = await client.request("GET", "library/app", "blobs", DIGEST)
+        try:
+            assert await resp.read() == BLOB
+        finally:
+            resp.release()
+        assert [s.method for s in cdn.seen] == ["GET"]

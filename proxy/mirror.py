@@ -34,7 +34,6 @@ from proxy.errors import (
     UpstreamInvalid,
     UpstreamUnavailable,
 )
-from proxy.failures import describe_failure
 from proxy.names import Reference
 from proxy.upstream import UpstreamClient, raise_for_status
 
@@ -308,7 +307,7 @@ class Mirror:
             resp = await self.upstream.request("GET", repository, "manifests", reference, accept)
             try:
                 await raise_for_status(resp, "manifests", reference)
-                data = await _read_limited(resp, MAX_MANIFEST_BYTES)
+                data = await _read_limited(resp, MAX_MANIFEST_BYTES, self.upstream)
                 announced = resp.headers.get("Docker-Content-Digest")
                 content_type = resp.headers.get("Content-Type")
             finally:
@@ -367,7 +366,7 @@ class Mirror:
             )
             try:
                 await raise_for_status(resp, "tags", "list")
-                body = await _read_limited(resp, MAX_MANIFEST_BYTES)
+                body = await _read_limited(resp, MAX_MANIFEST_BYTES, self.upstream)
                 link = resp.headers.get("Link")
             finally:
                 resp.release()
@@ -437,7 +436,9 @@ def _answer(stored: StoredManifest, source: str) -> ManifestAnswer:
     )
 
 
-async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+async def _read_limited(
+    resp: aiohttp.ClientResponse, limit: int, upstream: UpstreamClient
+) -> bytes:
     if resp.content_length is not None and resp.content_length > limit:
         raise ManifestTooLarge(f"{resp.content_length} bytes")
     data = bytearray()
@@ -447,7 +448,8 @@ async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes:
             if len(data) > limit:
                 raise ManifestTooLarge(f"more than {limit} bytes")
     except (aiohttp.ClientError, TimeoutError) as exc:
-        raise UpstreamUnavailable(describe_failure(exc, resp.url)) from exc
+        total = upstream.options.manifest_timeout
+        raise UpstreamUnavailable(upstream.failure(exc, resp.url, total=total)) from exc
     return bytes(data)
 
 

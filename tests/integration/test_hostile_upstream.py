@@ -285,6 +285,29 @@ async def test_stalled_upstream_with_nothing_cached_is_a_readable_503(
     assert detail == f"{upstream.host}:{upstream.port} did not answer in full within 1 s"
 
 
+async def test_a_manifest_body_that_stops_half_way_is_a_readable_503(
+    fault: FaultRegistry,
+    upstream: TestServer,
+    aiohttp_client: Client,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    mirror = await make_mirror(aiohttp_client, upstream, tmp_path / "cache", manifest_timeout=1.0)
+    fault.stall, fault.stall_manifests = asyncio.Event(), True
+    try:
+        async with mirror.get("/v2/library/app/manifests/1.0") as resp:
+            assert resp.status == 503
+            detail = (await resp.json())["errors"][0]["detail"]
+    finally:
+        fault.stall.set()
+    cause = f"{upstream.host}:{upstream.port} did not answer in full within 1 s"
+    assert detail == cause
+    assert [r.getMessage() for r in caplog.records if r.name == "proxy.upstream"] == [
+        f"upstream docker.io: {cause}"
+    ]
+    assert cached_manifests(tmp_path / "cache") == []
+
+
 async def test_unreachable_upstream_reads_as_words_and_is_logged_once(
     aiohttp_client: Client, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

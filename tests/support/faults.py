@@ -56,6 +56,8 @@ class FaultRegistry:
     # Absolute URLs manifest and tag-list requests are redirected to, when set.
     redirect_manifests_to: str | None = None
     redirect_tags_to: str | None = None
+    # Manifest bodies, too, stop half-way until `stall` is set.
+    stall_manifests: bool = False
     # Blob bodies go out one byte every `trickle` seconds.
     trickle: float | None = None
     # While set (and not yet released), every request waits on it: an upstream
@@ -162,6 +164,15 @@ class FaultRegistry:
         headers = {"Docker-Content-Digest": digest_of(data), **self.extra_headers}
         if self.mode == "corrupt":
             data = data[:-1] + b" "
+        if self.stall_manifests and self.stall is not None:
+            response = web.StreamResponse(headers={**headers, "Content-Type": media_type})
+            response.content_length = len(data)
+            await response.prepare(request)
+            await response.write(data[: len(data) // 2])
+            await self.stall.wait()
+            await response.write(data[len(data) // 2 :])
+            await response.write_eof()
+            return response
         return web.Response(body=data, content_type=media_type, headers=headers)
 
     async def _blob(self, request: web.Request) -> web.StreamResponse:

@@ -97,6 +97,13 @@ class Metrics:
             ["upstream", "method", "status"],
             registry=self.registry,
         )
+        self.upstream_redirects = Counter(
+            "pullthrough_upstream_redirects",
+            "Redirect hops of upstream blob requests, by the status the redirect "
+            "target answered (refused: not followed; error: no answer)",
+            ["upstream", "status"],
+            registry=self.registry,
+        )
         self.tokens_fetched = Counter(
             "pullthrough_upstream_tokens_fetched",
             "Tokens fetched from an upstream's token realm",

@@ -26,7 +26,13 @@ from proxy.housekeeping import Housekeeper
 from proxy.keys import METRICS, MIRRORS, SETTINGS
 from proxy.mirror import Mirror, Mirrors
 from proxy.routes import add_routes, answer_namespace, count_served_bytes
-from proxy.upstream import RateLimit, UpstreamClient, new_session
+from proxy.upstream import (
+    RateLimit,
+    UpstreamClient,
+    UpstreamOptions,
+    new_redirect_session,
+    new_session,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +64,10 @@ def index_dir(settings: Settings) -> Path:
 
 
 def _upstream_client(
-    up: UpstreamSettings, session: aiohttp.ClientSession, metrics: Metrics
+    up: UpstreamSettings,
+    sessions: tuple[aiohttp.ClientSession, aiohttp.ClientSession],
+    options: UpstreamOptions,
+    metrics: Metrics,
 ) -> UpstreamClient:
     name = up.name
 
@@ -70,7 +79,10 @@ def _upstream_client(
 
     return UpstreamClient(
         up,
-        session,
+        sessions[0],
+        redirect_session=sessions[1],
+        options=options,
+        on_redirect=lambda status: metrics.upstream_redirects.labels(name, status).inc(),
         on_token=metrics.tokens_fetched.labels(name).inc,
         on_ratelimit=ratelimit,
         on_response=lambda method, status: metrics.upstream_requests.labels(
@@ -106,12 +118,14 @@ async def open_mirrors(settings: Settings, metrics: Metrics) -> AsyncIterator[Re
         corrupt = metrics.corrupt_objects.labels("manifest").inc
         stores[layout] = (blobs, ManifestStore(layout, on_corrupt=corrupt))
     session = new_session(settings)
+    redirect_session = new_redirect_session(settings)
+    options = UpstreamOptions.from_settings(settings)
     mirrors = []
     for up in settings.all_upstreams():
         blobs, manifests = stores[by_upstream[up.name]]
         mirrors.append(
             Mirror(
-                _upstream_client(up, session, metrics),
+                _upstream_client(up, (session, redirect_session), options, metrics),
                 blobs,
                 manifests,
                 tags,
@@ -131,6 +145,7 @@ async def open_mirrors(settings: Settings, metrics: Metrics) -> AsyncIterator[Re
         for blobs, _ in stores.values():
             await blobs.close()
         await session.close()
+        await redirect_session.close()
         tags.close()
 
 

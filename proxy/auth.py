@@ -21,6 +21,7 @@ import aiohttp
 from yarl import URL
 
 from proxy.errors import Unauthorized, UpstreamUnavailable
+from proxy.failures import describe_failure, where
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,11 @@ class TokenAuth:
         credentials: Credentials | None,
         *,
         on_token: Callable[[], None] = lambda: None,
+        timeout: float | None = None,
     ) -> None:
         self._session = session
+        # A stalled realm must not hold a pull longer than a stalled upstream.
+        self._timeout = aiohttp.ClientTimeout(total=timeout) if timeout else None
         self._upstream = upstream
         self._credentials = credentials
         self._on_token = on_token
@@ -95,6 +99,8 @@ class TokenAuth:
         self._locks: dict[str, asyncio.Lock] = {}
 
     def learn(self, challenge: Challenge) -> None:
+        """Adopt the challenge the upstream's own origin answered with (never one
+        from a redirect target: the realm is where credentials go)."""
         self.challenge = challenge
 
     def forget(self, scope: str) -> None:
@@ -143,7 +149,10 @@ class TokenAuth:
         started = time.monotonic()
         try:
             async with self._session.get(
-                realm.with_query(query), headers=headers, allow_redirects=False
+                realm.with_query(query),
+                headers=headers,
+                allow_redirects=False,
+                timeout=self._timeout or self._session.timeout,
             ) as resp:
                 self._on_token()
                 if resp.status in (401, 403):
@@ -151,8 +160,12 @@ class TokenAuth:
                 if resp.status != 200:
                     raise UpstreamUnavailable(f"token realm answered {resp.status}")
                 body = await resp.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            raise UpstreamUnavailable(f"token realm {realm.host}: {exc!r}") from exc
+        except ValueError as exc:
+            raise UpstreamUnavailable(f"token realm {where(realm)} sent no JSON") from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            total = None if self._timeout is None else self._timeout.total
+            cause = describe_failure(exc, realm, total_timeout=total)
+            raise UpstreamUnavailable(f"token realm: {cause}") from exc
         value = body.get("token") or body.get("access_token") if isinstance(body, dict) else None
         if not isinstance(value, str) or not value:
             raise UpstreamUnavailable("token realm sent no token")

@@ -8,6 +8,7 @@ so a bad value stops the server with a clear message instead of failing a reques
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import re
 import tomllib
@@ -33,6 +34,14 @@ _HOST = re.compile(
 
 class ConfigError(Exception):
     """A setting has a value we cannot run with."""
+
+
+def _allow_entry(entry: str) -> bool:
+    try:
+        ipaddress.ip_network(entry, strict=False)
+    except ValueError:
+        return bool(_HOST.match(entry.lower())) and ":" not in entry
+    return True
 
 
 def _check_url(what: str, url: URL) -> None:
@@ -131,6 +140,25 @@ class Settings:
     # Seconds to open a connection upstream, and to wait for each read.
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
+    # A blob body slower than upstream_min_rate bytes a second over any
+    # upstream_rate_window seconds is abandoned as a failed download (nothing is
+    # kept), so a trickling upstream cannot hold clients for ever: 1 KiB/s over
+    # 10 s is far below any working link and well above one byte every few
+    # seconds. 0 turns the rule off (read_timeout still applies).
+    upstream_min_rate: int = 1024
+    upstream_rate_window: float = 10.0
+    # Seconds for a whole manifest or tag-list answer (token, headers and body):
+    # they are at most 4 MiB, so 30 s means the upstream is stuck, not slow.
+    manifest_timeout: float = 30.0
+    # Seconds the check of a cached tag (one HEAD upstream) may take before the
+    # cached digest is served stale: a stalled upstream costs pulls seconds,
+    # not a minute. A HEAD to Docker Hub, token included, takes well under 1 s.
+    revalidate_timeout: float = 5.0
+    # Where blob redirects may lead although the address is loopback, private or
+    # link-local: CIDRs ("10.0.0.0/8") or host names ("minio.internal"). Empty:
+    # only where the upstream itself lives (an upstream on such an address may
+    # redirect anywhere; configured upstreams' own hosts are always allowed).
+    redirect_allow: tuple[str, ...] = ()
     # How long a tag's digest is trusted before it is checked again upstream
     # (with a HEAD, which Docker Hub does not count against its rate limit).
     # Five minutes: a busy build farm costs the upstream one HEAD per tag per five
@@ -180,6 +208,16 @@ class Settings:
             raise ConfigError("timeouts must be positive")
         if self.tag_ttl < 0:
             raise ConfigError(f"tag_ttl must be 0 or more seconds, not {self.tag_ttl}")
+        if self.upstream_min_rate < 0:
+            raise ConfigError(f"upstream_min_rate must be 0 or more, not {self.upstream_min_rate}")
+        for name in ("upstream_rate_window", "manifest_timeout", "revalidate_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be a positive number of seconds")
+        for entry in self.redirect_allow:
+            if not _allow_entry(entry):
+                raise ConfigError(
+                    f"redirect_allow: {entry!r} is neither a CIDR (10.0.0.0/8) nor a host name"
+                )
         if self.max_size is not None and self.max_size <= 0:
             raise ConfigError(f"max_size must be positive, not {self.max_size}")
         if self.max_age_days is not None and self.max_age_days <= 0:
@@ -213,7 +251,7 @@ _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 def _convert(name: str, value: Any) -> Any:
     default = _FIELDS[name].default
     try:
-        if name == "scrub_rate":  # bytes a second: "20MiB" or "20MiB/s"
+        if name in ("scrub_rate", "upstream_min_rate"):  # bytes a second: "20MiB" or "20MiB/s"
             return parse_size(value.removesuffix("/s") if isinstance(value, str) else value)
         if isinstance(default, bool):
             return _boolean(value)
@@ -231,7 +269,7 @@ def _convert(name: str, value: Any) -> Any:
             return None if value is None else parse_size(value)
         if name == "max_age_days":
             return None if value is None else float(value)
-        if name == "pinned":
+        if name in ("pinned", "redirect_allow"):
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(str(i).strip() for i in items if str(i).strip())
     except ValueError as exc:

@@ -112,6 +112,19 @@ class UpstreamInvalid(RegistryError):
     code, status, message = "UNAVAILABLE", 502, "upstream registry sent invalid content"
 
 
+class RedirectRefused(UpstreamUnavailable):
+    """The upstream redirected where the mirror does not follow (a manifest, a
+    loopback or private address, https to http)."""
+
+    status, message = 502, "upstream redirect refused"
+
+
+class RedirectFailed(UpstreamUnavailable):
+    """The host an upstream redirect pointed to refused or failed the request."""
+
+    status, message = 502, "upstream redirect target failed"
+
+
 def from_cache_error(exc: CacheError) -> RegistryError:
     if isinstance(exc, UnsupportedDigest | InvalidDigest):
         return DigestInvalid(str(exc))

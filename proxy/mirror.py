@@ -208,7 +208,9 @@ class Mirror:
             await self._remember(repository, tag, accept, fetched)
             return _answer(fetched, "upstream")
         try:
-            return await self._resolve_tag(repository, tag, accept, head=head)
+            # Bounded tightly only when a stale answer is there to fall back on.
+            deadline = None if cached is None else self.upstream.options.revalidate_timeout
+            return await self._resolve_tag(repository, tag, accept, head=head, deadline=deadline)
         except (UpstreamUnavailable, TooManyRequests) as exc:
             if cached is None:
                 raise
@@ -218,11 +220,17 @@ class Mirror:
             return _answer(cached, "stale")
 
     async def _resolve_tag(
-        self, repository: str, tag: str, accept: Sequence[str], *, head: bool
+        self,
+        repository: str,
+        tag: str,
+        accept: Sequence[str],
+        *,
+        head: bool,
+        deadline: float | None = None,
     ) -> ManifestAnswer:
         # Resolve the tag with a HEAD (free on Docker Hub's rate limit), then get
         # the content by digest, from the cache when we have it.
-        upstream_head = await self._upstream_head(repository, tag, accept)
+        upstream_head = await self._upstream_head(repository, tag, accept, deadline=deadline)
         if upstream_head.digest is None:
             # An upstream that does not say the digest: only a GET can tell.
             fetched = await self._fetch(repository, tag, accept, expected=None)
@@ -262,10 +270,17 @@ class Mirror:
         await self.tags.put(self._upstream_key, repository, tag, ANY_CLIENT, entry)
 
     async def _upstream_head(
-        self, repository: str, reference: str, accept: Sequence[str]
+        self,
+        repository: str,
+        reference: str,
+        accept: Sequence[str],
+        *,
+        deadline: float | None = None,
     ) -> _UpstreamHead:
         async def call() -> _UpstreamHead:
-            resp = await self.upstream.request("HEAD", repository, "manifests", reference, accept)
+            resp = await self.upstream.request(
+                "HEAD", repository, "manifests", reference, accept, deadline=deadline
+            )
             try:
                 await raise_for_status(resp, "manifests", reference)
                 digest = resp.headers.get("Docker-Content-Digest")
@@ -292,7 +307,7 @@ class Mirror:
             resp = await self.upstream.request("GET", repository, "manifests", reference, accept)
             try:
                 await raise_for_status(resp, "manifests", reference)
-                data = await _read_limited(resp, MAX_MANIFEST_BYTES)
+                data = await _read_limited(resp, MAX_MANIFEST_BYTES, self.upstream)
                 announced = resp.headers.get("Docker-Content-Digest")
                 content_type = resp.headers.get("Content-Type")
             finally:
@@ -351,7 +366,7 @@ class Mirror:
             )
             try:
                 await raise_for_status(resp, "tags", "list")
-                body = await _read_limited(resp, MAX_MANIFEST_BYTES)
+                body = await _read_limited(resp, MAX_MANIFEST_BYTES, self.upstream)
                 link = resp.headers.get("Link")
             finally:
                 resp.release()
@@ -382,14 +397,7 @@ class Mirror:
                 try:
                     await raise_for_status(resp, "blobs", str(digest))
                     await sink.begin(resp.content_length)
-                    while chunk := await resp.content.readany():
-                        # Take what else has arrived too: one step per MiB, not per
-                        # socket read, when the upstream outpaces us.
-                        if len(chunk) < FETCH_BATCH and (
-                            more := resp.content.read_nowait(FETCH_BATCH - len(chunk))
-                        ):
-                            chunk += more
-                        await sink.write(chunk)
+                    await self.upstream.copy_body(resp, sink.write, FETCH_BATCH)
                 finally:
                     resp.release()
             finally:
@@ -428,14 +436,20 @@ def _answer(stored: StoredManifest, source: str) -> ManifestAnswer:
     )
 
 
-async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+async def _read_limited(
+    resp: aiohttp.ClientResponse, limit: int, upstream: UpstreamClient
+) -> bytes:
     if resp.content_length is not None and resp.content_length > limit:
         raise ManifestTooLarge(f"{resp.content_length} bytes")
     data = bytearray()
-    async for chunk in resp.content.iter_any():
-        data += chunk
-        if len(data) > limit:
-            raise ManifestTooLarge(f"more than {limit} bytes")
+    try:
+        async for chunk in resp.content.iter_any():
+            data += chunk
+            if len(data) > limit:
+                raise ManifestTooLarge(f"more than {limit} bytes")
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        total = upstream.options.manifest_timeout
+        raise UpstreamUnavailable(upstream.failure(exc, resp.url, total=total)) from exc
     return bytes(data)
 
 

@@ -15,6 +15,7 @@ import pytest
 from tests.support.binaries import require_binary
 from tests.support.images import Image, push_images, seed_images
 from tests.support.registry import Registry, RegistryFactory
+from tests.support.seaweed import SeaweedS3
 from tests.support.skopeo import Skopeo
 from tests.support.tokenserver import TokenServer
 
@@ -109,3 +110,15 @@ def make_registry(
     finally:
         for registry in created:
             registry.stop()
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """A real S3 server (SeaweedFS ``weed mini``, one bucket) shared by the session.
+
+    ``seaweed.endpoint`` is a relay that records every request
+    (``seaweed.relayed()``); ``direct_endpoint`` skips it. Keep each user's
+    objects under a prefix of its own (``S3Registry`` does).
+    """
+    with SeaweedS3(tmp_path_factory.mktemp("seaweed")) as server:
+        yield server

@@ -3,7 +3,10 @@
 It serves one repository's manifests and blobs from memory and can send wrong
 bytes, cut a body short, stall mid-body until released, answer 429 or 5xx, demand
 a bearer token and redirect blob downloads to a second origin (a "CDN") that
-records the headers it got.
+records the headers it got. Hostile neighbours: a foreign token realm and an
+"internal" service that an upstream's redirects may point at, each recording what
+reached it; manifests and tag lists can be redirected too, and blob bodies can
+trickle or the whole upstream hang.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ class Seen:
     path: str
     headers: dict[str, str]
     accept: list[str] = field(default_factory=list)
+    raw: str = ""  # the request target exactly as it arrived
 
 
 @dataclass
@@ -47,8 +51,23 @@ class FaultRegistry:
     chunk: int = 64 * 1024
     require_token: bool = False
     redirect_to: str | None = None  # base URL of a CDN app
+    # The query a blob redirect carries, as sent (a CDN signs it byte for byte).
+    redirect_query: str = "sig=abc"
+    # Absolute URLs manifest and tag-list requests are redirected to, when set.
+    redirect_manifests_to: str | None = None
+    redirect_tags_to: str | None = None
+    # Manifest bodies, too, stop half-way until `stall` is set.
+    stall_manifests: bool = False
+    # Blob bodies go out one byte every `trickle` seconds.
+    trickle: float | None = None
+    # While set (and not yet released), every request waits on it: an upstream
+    # that accepts connections and never answers.
+    hang: asyncio.Event | None = None
+    tags: list[str] = field(default_factory=list)
     seen: list[Seen] = field(default_factory=list)
     tokens_issued: int = 0
+    # The Authorization header of every token request (None: anonymous).
+    token_auth: list[str | None] = field(default_factory=list)
 
     def add_blob(self, data: bytes) -> str:
         digest = digest_of(data)
@@ -71,9 +90,11 @@ class FaultRegistry:
         app.router.add_get("/v2/", self._ping)
         app.router.add_route("*", "/v2/{name:.+}/blobs/{digest}", self._blob)
         app.router.add_route("*", "/v2/{name:.+}/manifests/{ref}", self._manifest)
+        app.router.add_get("/v2/{name:.+}/tags/list", self._tags)
         return app
 
     async def _token(self, request: web.Request) -> web.Response:
+        self.token_auth.append(request.headers.get("Authorization"))
         self.tokens_issued += 1
         return web.json_response({"token": f"tok-{self.tokens_issued}", "expires_in": 300})
 
@@ -84,8 +105,13 @@ class FaultRegistry:
                 request.path_qs,
                 dict(request.headers),
                 request.headers.getall("Accept", []),
+                request.raw_path,
             )
         )
+
+    async def _hang(self) -> None:
+        if self.hang is not None:
+            await self.hang.wait()
 
     def _gate(self, request: web.Request) -> web.Response | None:
         if self.require_token and not request.headers.get("Authorization", "").startswith(
@@ -107,13 +133,27 @@ class FaultRegistry:
 
     async def _ping(self, request: web.Request) -> web.Response:
         self._record(request)
+        await self._hang()
         return self._gate(request) or web.json_response({})
 
-    async def _manifest(self, request: web.Request) -> web.StreamResponse:
+    async def _tags(self, request: web.Request) -> web.Response:
         self._record(request)
+        await self._hang()
         refused = self._gate(request)
         if refused is not None:
             return refused
+        if self.redirect_tags_to is not None:
+            raise web.HTTPFound(self.redirect_tags_to)
+        return web.json_response({"name": request.match_info["name"], "tags": self.tags})
+
+    async def _manifest(self, request: web.Request) -> web.StreamResponse:
+        self._record(request)
+        await self._hang()
+        refused = self._gate(request)
+        if refused is not None:
+            return refused
+        if self.redirect_manifests_to is not None:
+            raise web.HTTPTemporaryRedirect(self.redirect_manifests_to)
         found = self.manifests.get(request.match_info["ref"])
         if found is None:
             return web.json_response(
@@ -124,10 +164,20 @@ class FaultRegistry:
         headers = {"Docker-Content-Digest": digest_of(data), **self.extra_headers}
         if self.mode == "corrupt":
             data = data[:-1] + b" "
+        if self.stall_manifests and self.stall is not None:
+            response = web.StreamResponse(headers={**headers, "Content-Type": media_type})
+            response.content_length = len(data)
+            await response.prepare(request)
+            await response.write(data[: len(data) // 2])
+            await self.stall.wait()
+            await response.write(data[len(data) // 2 :])
+            await response.write_eof()
+            return response
         return web.Response(body=data, content_type=media_type, headers=headers)
 
     async def _blob(self, request: web.Request) -> web.StreamResponse:
         self._record(request)
+        await self._hang()
         refused = self._gate(request)
         if refused is not None:
             return refused
@@ -138,7 +188,9 @@ class FaultRegistry:
                 {"errors": [{"code": "BLOB_UNKNOWN", "message": "blob unknown"}]}, status=404
             )
         if self.redirect_to is not None:
-            raise web.HTTPTemporaryRedirect(f"{self.redirect_to}/cdn/{digest}?sig=abc")
+            # Not HTTPTemporaryRedirect: it would re-encode the query on the way out.
+            location = f"{self.redirect_to}/cdn/{digest}?{self.redirect_query}"
+            return web.Response(status=307, headers={"Location": location})
         return await self.send(request, data)
 
     async def send(self, request: web.Request, data: bytes) -> web.StreamResponse:
@@ -152,6 +204,14 @@ class FaultRegistry:
             body[len(body) // 2] ^= 0xFF
         limit = len(body) // 2 if self.mode == "truncate" else len(body)
         pos = 0
+        if self.trickle is not None:
+            for byte in body[:limit]:
+                try:
+                    await response.write(bytes([byte]))
+                except ConnectionResetError:
+                    return response  # the mirror gave up on us, as it should
+                await asyncio.sleep(self.trickle)
+            pos = limit
         while pos < limit:
             if self.stall is not None and pos >= self.stall_after:
                 await self.stall.wait()
@@ -181,5 +241,55 @@ class Cdn:
         return app
 
     async def _blob(self, request: web.Request) -> web.StreamResponse:
-        self.seen.append(Seen(request.method, request.path_qs, dict(request.headers)))
+        self.seen.append(
+            Seen(request.method, request.path_qs, dict(request.headers), raw=request.raw_path)
+        )
         return await self.origin.send(request, self.origin.blobs[request.match_info["digest"]])
+
+
+@dataclass
+class ForeignRealm:
+    """Another host a redirect may lead to, demanding a token from its own realm
+    (as a hostile upstream would, to harvest the mirror's credentials)."""
+
+    seen: list[Seen] = field(default_factory=list)
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._any)
+        return app
+
+    async def _any(self, request: web.Request) -> web.Response:
+        self.seen.append(
+            Seen(request.method, request.path_qs, dict(request.headers), raw=request.raw_path)
+        )
+        if request.path == "/token":
+            return web.json_response({"token": "foreign", "expires_in": 300})
+        realm = f"http://{request.host}/token"
+        return web.json_response(
+            {"errors": [{"code": "UNAUTHORIZED", "message": "authentication required"}]},
+            status=401,
+            headers={"WWW-Authenticate": f'Bearer realm="{realm}",service="foreign"'},
+        )
+
+
+@dataclass
+class InternalService:
+    """A service on the mirror's own network that must never be reached through
+    an upstream's redirect; answers anything with a plausible manifest."""
+
+    hits: list[Seen] = field(default_factory=list)
+    body: bytes = b'{"schemaVersion": 2, "secret": "internal metadata"}'
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._any)
+        return app
+
+    async def _any(self, request: web.Request) -> web.Response:
+        self.hits.append(Seen(request.method, request.path_qs, dict(request.headers)))
+        return web.Response(
+            body=self.body,
+            content_type="application/vnd.docker.distribution.manifest.v2+json",
+            headers={"Docker-Content-Digest": digest_of(self.body)},
+        )

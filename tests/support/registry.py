@@ -257,6 +257,7 @@ class Registry:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.workdir,
+                env=self.process_env(),
             )
         with _LIVE_LOCK:
             _LIVE.add(proc)
@@ -291,6 +292,10 @@ class Registry:
             f"docker-registry on {self.host} not ready after {timeout}s ({last_error}):\n"
             + self.log_tail()
         )
+
+    def process_env(self) -> dict[str, str] | None:
+        """The process's environment; None: this one's."""
+        return None
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the process (SIGTERM, then SIGKILL); storage is kept. Idempotent."""

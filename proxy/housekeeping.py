@@ -56,17 +56,16 @@ class Housekeeper:
     def pins(self) -> set[str]:
         return set(self.settings.pinned) | self.tags.pins()
 
-    def _tagged(self, image: ImageRef, *, any_upstream: bool) -> set[str]:
-        """Digests recorded for the image's tag (its upstream's, or any upstream's)."""
+    def _tagged(self, image: ImageRef) -> set[str]:
+        """Digests recorded for the image's tag by its upstream."""
         if image.reference.digest is not None:
             return {str(image.reference.digest)}
-        found = set()
-        for upstream, repository, tag, _, entry in self.tags.tags():
-            if (repository, tag) != (image.repository, image.reference.tag):
-                continue
-            if any_upstream or upstream == image.upstream:
-                found.add(entry.digest)
-        return found
+        return {
+            entry.digest
+            for upstream, repository, tag, _, entry in self.tags.tags()
+            if (upstream, repository, tag)
+            == (image.upstream, image.repository, image.reference.tag)
+        }
 
     def resolve(self, image: ImageRef) -> list[tuple[StoredManifest, Layout]]:
         """The cached top manifests an image reference names (one per Accept set
@@ -76,7 +75,7 @@ class Housekeeper:
         if own is None:
             return []
         shared = Layout(self.settings.cache_dir.resolve())
-        return self._read(self._tagged(image, any_upstream=False), [own, shared])
+        return self._read(self._tagged(image), [own, shared])
 
     def _read(
         self, digests: set[str], layouts: Sequence[Layout]
@@ -99,15 +98,24 @@ class Housekeeper:
         under any upstream (also one this process does not know, or an old
         URL key), in every store, so no attribution gap can cost a pin.
         """
-        keep: set[Digest] = set()
-        everywhere = self.distinct_layouts()
+        images = []
         for pin in self.pins():
             try:
-                image = ImageRef.parse(pin)
+                images.append(ImageRef.parse(pin))
             except (RegistryError, InvalidDigest):
                 log.warning("ignoring pin %r: not an image reference", pin)
-                continue
-            for top, layout in self._read(self._tagged(image, any_upstream=True), everywhere):
+        tagged: dict[tuple[str, str], set[str]] = {}
+        if any(image.reference.tag is not None for image in images):
+            for _, repository, tag, _, entry in self.tags.tags():  # one pass for all pins
+                tagged.setdefault((repository, tag), set()).add(entry.digest)
+        keep: set[Digest] = set()
+        everywhere = self.distinct_layouts()
+        for image in images:
+            if image.reference.digest is not None:
+                digests = {str(image.reference.digest)}
+            else:
+                digests = tagged.get((image.repository, str(image.reference.tag)), set())
+            for top, layout in self._read(digests, everywhere):
                 walked = closure(top, partial(ManifestStore(layout).read, touch=False))
                 keep.update(m.digest for m in walked.manifests)
                 keep.update(walked.blobs)

@@ -12,8 +12,13 @@ The whole on-disk layout, in one place::
       tmp/<algorithm>-<hex>.size               the expected size of that download,
                                                written once the upstream has answered
       tmp/<random>.tmp                         a manifest or index file being written
-      index/                                   diskcache: (repository, tag, accept) ->
-                                               (digest, media type, time fetched)
+      tmp/import-<random>/                     an import's staging folder, locked by it
+      index/                                   diskcache: (upstream name, repository,
+                                               tag, accept) -> (digest, media type,
+                                               time fetched); pins
+      upstreams.json, upstreams/<name>/        the upstreams a server ran with, and the
+                                               stores of those with credentials
+                                               (cache/stores.py)
 
 A file under ``blobs/`` or ``manifests/`` only ever appears by ``rename`` after its
 bytes were verified and fsynced, so a reader never sees a half-written one. Names

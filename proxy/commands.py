@@ -20,6 +20,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from cache import stores
 from cache.archive import ExportImage, export_archive, import_archive, read_ref_names
 from cache.digests import Digest
 from cache.errors import CacheError, InvalidDigest
@@ -45,8 +46,10 @@ def run_tool(args: argparse.Namespace, settings: Settings) -> int:
     console = Console(highlight=False, soft_wrap=True)
     errors = Console(stderr=True, highlight=False, soft_wrap=True)
 
+    command = " ".join(filter(None, (args.command, getattr(args, "action", None))))
+
     def fail(text: object) -> int:
-        errors.print(f"pullthrough {args.command}: {text}", style="red", markup=False)
+        errors.print(f"pullthrough {command}: {text}", style="red", markup=False)
         return 1
 
     try:
@@ -90,6 +93,17 @@ def _platforms(args: argparse.Namespace) -> frozenset[str] | None:
 
 
 def _warm(args: argparse.Namespace, settings: Settings, console: Console) -> int:
+    recorded = stores.read_record(settings.cache_dir.resolve())
+    for up in settings.all_upstreams():
+        known = recorded.get(up.name)
+        if known is not None and known.url != str(up.url):
+            # Not an error (a warm may use another route), but rarely meant.
+            print(
+                f"pullthrough warm: note: the server on this cache fetches {up.name} from "
+                f"{known.url}; this warm fetches it from {up.url} (--upstream or --config "
+                "to match)",
+                file=sys.stderr,
+            )
     started = time.monotonic()
     summary = asyncio.run(
         tools.warm(settings, _images(args), platforms=_platforms(args), console=console)

@@ -149,14 +149,17 @@ async def _serve_mirrors(app: web.Application) -> AsyncIterator[None]:
         app[MIRRORS] = resources.mirrors
         # So that the command-line tools, run without this server's settings,
         # find what it pulls and in which store.
-        await asyncio.to_thread(
-            stores.record_upstreams,
-            settings.cache_dir.resolve(),
-            [
-                KnownUpstream(u.name, str(u.url), u.has_credentials)
-                for u in settings.all_upstreams()
-            ],
-        )
+        try:
+            await asyncio.to_thread(
+                stores.record_upstreams,
+                settings.cache_dir.resolve(),
+                [
+                    KnownUpstream(u.name, str(u.url), u.has_credentials)
+                    for u in settings.all_upstreams()
+                ],
+            )
+        except OSError as exc:  # the mirror works without it; only the tools miss it
+            log.warning("cannot record the upstreams in %s: %s", stores.RECORD, exc)
         distinct = resources.housekeeper.distinct_layouts()
 
         def usage() -> CacheUsage:

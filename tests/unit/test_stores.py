@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from yarl import URL
 
 from cache import stores
 from cache.digests import Digest
@@ -15,7 +16,8 @@ from cache.index import TagEntry, TagIndex
 from cache.layout import Layout
 from cache.manifests import ManifestStore, StoredManifest
 from cache.stores import KnownUpstream
-from proxy.app import rekey_tags
+from metrics import Metrics
+from proxy.app import open_mirrors, rekey_tags
 from proxy.config import ConfigError, Settings
 from proxy.tools import housekeeper, unattributed
 
@@ -123,3 +125,15 @@ def test_record_is_written_atomically_beside_the_index(tmp_path: Path) -> None:
         ]
         < 60
     )
+
+
+async def test_opening_an_old_cache_moves_its_url_keys_to_names(tmp_path: Path) -> None:
+    tags = TagIndex(tmp_path / "index")
+    tags.put_sync(OLD_URL, "library/alpine", "3.19", "*", entry())
+    tags.set_pins({"docker.io/library/alpine:3.19"})
+    tags.close()
+    settings = Settings(cache_dir=tmp_path, upstream=URL(OLD_URL), offline=True)
+    async with open_mirrors(settings, Metrics()) as resources:
+        assert resources.tags.get_sync("docker.io", "library/alpine", "3.19", "*") == entry()
+        assert resources.tags.get_sync(OLD_URL, "library/alpine", "3.19", "*") is None
+        assert resources.tags.pins() == {"docker.io/library/alpine:3.19"}

@@ -100,6 +100,12 @@ def test_tools_find_what_a_server_pulled_and_gc_keeps_pinned_content(
         exported = {m.name.rsplit("/", 1)[-1] for m in tar.getmembers()}
     assert {b.digest.removeprefix("sha256:") for b in keep.blobs_of(keep.top)} <= exported
 
+    # warm does go to the upstream its own settings name, and says so.
+    elsewhere = tool(
+        "warm", "team/keep:1", cache=cache, env={"PULLTHROUGH_UPSTREAM": "http://127.0.0.1:9"}
+    )
+    assert f"the server on this cache fetches docker.io from {origin.url}" in elsewhere.stderr
+
     ok(tool("cache", "pin", "team/keep:1", cache=cache))
     assert "pinned" in ok(tool("cache", "ls", cache=cache))
     before = files_of(cache, keep)

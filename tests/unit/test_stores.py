@@ -18,7 +18,8 @@ from cache.manifests import ManifestStore, StoredManifest
 from cache.stores import KnownUpstream
 from metrics import Metrics
 from proxy.app import open_mirrors, rekey_tags
-from proxy.config import ConfigError, Settings
+from proxy.commands import CommandError, _import_store
+from proxy.config import ConfigError, Settings, parse_upstreams
 from proxy.tools import housekeeper, unattributed
 
 OLD_URL = "http://127.0.0.1:5999"
@@ -137,3 +138,21 @@ async def test_opening_an_old_cache_moves_its_url_keys_to_names(tmp_path: Path) 
         assert resources.tags.get_sync("docker.io", "library/alpine", "3.19", "*") == entry()
         assert resources.tags.get_sync(OLD_URL, "library/alpine", "3.19", "*") is None
         assert resources.tags.pins() == {"docker.io/library/alpine:3.19"}
+
+
+def test_import_goes_to_the_store_of_the_upstream_the_images_name(tmp_path: Path) -> None:
+    settings = Settings(
+        cache_dir=tmp_path,
+        upstream_username="bot",
+        upstream_password="s3cret",
+        upstreams=parse_upstreams("ghcr.io"),
+    )
+    root = tmp_path.resolve()
+    with housekeeper(settings) as keeper:
+        private = root / "upstreams" / "docker.io"
+        assert _import_store(keeper, ["docker.io/library/alpine:3.19"]).root == private
+        assert _import_store(keeper, ["alpine:3.19", None]).root == private
+        assert _import_store(keeper, ["ghcr.io/owner/app:1"]).root == root
+        assert _import_store(keeper, [None, "quay.io/x/y:1", "not a name"]).root == root
+        with pytest.raises(CommandError, match="separate stores"):
+            _import_store(keeper, ["alpine:3.19", "ghcr.io/owner/app:1"])

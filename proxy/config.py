@@ -7,9 +7,11 @@ so a bad value stops the server with a clear message instead of failing a reques
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import logging
+import math
 import os
 import re
 import tomllib
@@ -247,13 +249,16 @@ _NOT_EMPTY = frozenset({"upstream_username", "upstream_password"})
 _OPTIONAL_NUMBERS = frozenset({"max_age_days"})
 
 
-def _convert(name: str, value: Any, where: str) -> Any:
+def _convert(name: str, value: Any, where: str, *, from_file: bool = False) -> Any:
     """``value`` as the setting's type. TOML gives typed values and they must have
     the right type (``workers = 2.5`` is an error, not 2); the environment and
     flags give strings, which are parsed. ``where`` names the setting as the
     operator wrote it, for the message."""
     default = _FIELDS[name].default
+    # Strings are parsed only from the environment and flags: in the file a
+    # number or a boolean must be one (`port = "5000"` is as wrong as `port = [1]`).
     text = isinstance(value, str)
+    parse = text and not from_file
 
     def wrong(expected: str) -> ConfigError:
         return ConfigError(f"{where} must be {expected}, not {value!r}")
@@ -262,24 +267,25 @@ def _convert(name: str, value: Any, where: str) -> Any:
         return None
     if isinstance(default, bool):
         try:
-            return _boolean(value) if text else _typed(value, bool)
+            return _boolean(value) if parse else _typed(value, bool)
         except (TypeError, ValueError):
             raise wrong("true or false") from None
     if isinstance(default, int):
-        if text and re.fullmatch(r"\s*[+-]?[0-9]+\s*", value):
+        if parse and re.fullmatch(r"\s*[+-]?[0-9]+\s*", value):
             return int(value)
         if not text and isinstance(value, int) and not isinstance(value, bool):
             return value
         raise wrong("a whole number")
     if isinstance(default, float) or name in _OPTIONAL_NUMBERS:
-        try:
-            if text:
-                return float(value)
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                return float(value)
-        except ValueError:
-            pass
-        raise wrong("a number")
+        number = None
+        if parse:
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            number = float(value)
+        if number is None or not math.isfinite(number):
+            raise wrong("a number")
+        return number
     if name == "upstreams":
         return parse_upstreams(value)
     if name == "max_size":
@@ -388,6 +394,7 @@ def load_settings(
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config file {config_file}: {exc}") from None
         where.update({name: f"{name} (in {config_file})" for name in values})
+    from_file = set(values)
     unknown = sorted(set(values) - set(_FIELDS))
     if unknown:
         raise ConfigError(f"unknown setting(s) in {config_file}: {', '.join(unknown)}")
@@ -398,6 +405,7 @@ def load_settings(
         if name in _FIELDS:
             values[name] = raw
             where[name] = f"{name} ({key})"
+            from_file.discard(name)
         else:
             # Not fatal: Kubernetes alone sets PULLTHROUGH_SERVICE_HOST and
             # friends for a Service of that name.
@@ -406,5 +414,8 @@ def load_settings(
         if value is not None:
             values[name] = value
             where[name] = f"{name} (--{name.replace('_', '-')})"
-    converted = {k: _convert(k, v, where.get(k, k)) for k, v in values.items()}
+            from_file.discard(name)
+    converted = {
+        k: _convert(k, v, where.get(k, k), from_file=k in from_file) for k, v in values.items()
+    }
     return Settings(**converted)

@@ -41,17 +41,27 @@ def tool(
     cwd: Path | None = None,
     timeout: float = 120,
 ) -> subprocess.CompletedProcess[str]:
-    """``pullthrough ARGS [--cache-dir CACHE]`` with no other setting."""
+    """``pullthrough ARGS [--cache-dir CACHE]`` with no other setting. A command
+    still running at ``timeout`` is killed with every process it started (a
+    server that should have refused to start may have spawned workers)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("PULLTHROUGH_")}
-    return subprocess.run(
-        [sys.executable, "-m", "proxy", *args, *([f"--cache-dir={cache}"] if cache else [])],
-        capture_output=True,
+    argv = [sys.executable, "-m", "proxy", *args, *([f"--cache-dir={cache}"] if cache else [])]
+    with subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         env={**clean, **(env or {})},
         cwd=cwd,
-        timeout=timeout,
-        check=False,
-    )
+        start_new_session=True,
+    ) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
 def ok(result: subprocess.CompletedProcess[str]) -> str:

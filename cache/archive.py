@@ -34,8 +34,9 @@ skopeo 1.9 (checked against 1.9.3):
 
 Import trusts nothing in the archive. Each member is checked by name and type,
 and each blob is hashed as it is copied into a staging folder
-(``tmp/import-<random>/``). Every manifest reachable from ``index.json``, and
-every blob such a manifest references, must be there. Nothing enters
+(``tmp/import-<random>/``, locked by its import: the next server start or
+import removes it when no live import holds the lock). Every manifest reachable
+from ``index.json``, and every blob such a manifest references, must be there. Nothing enters
 ``blobs/`` or ``manifests/`` until all of it has verified. Any failure removes
 the staging folder and whatever had been committed, so the cache is left as it
 was.
@@ -77,9 +78,10 @@ LAYOUT_VERSION = "1.0.0"
 MAX_DOCUMENT = 4 << 20  # index.json, oci-layout and manifests are read whole
 CHUNK = 1 << 20
 STAGING_PREFIX = "import-"
+STARTING_PREFIX = "starting-import-"
 LOCK_NAME = ".lock"
-#: A staging folder whose import holds no lock and that has not changed for this
-#: long was left by an import that was killed, and is removed by the next one.
+#: A staging folder still named ``starting-import-*`` this long after it was made
+#: was left by an import killed before it could lock it.
 ABANDONED_SECONDS = 60.0
 
 Progress = Callable[[int], None]
@@ -428,44 +430,57 @@ def import_archive(src: Path, layout: Layout, *, progress: Progress | None = Non
 
 @contextlib.contextmanager
 def _staging(layout: Layout) -> Iterator[Path]:
-    """A fresh folder under tmp/, locked while this import runs, removed after."""
-    path = layout.tmp / f"{STAGING_PREFIX}{os.urandom(8).hex()}"
-    path.mkdir()
+    """A fresh folder under tmp/, locked while this import runs, removed after.
+
+    It is made as ``starting-import-*``, locked, and only then renamed to
+    ``import-*``: so an ``import-*`` folder whose lock is free is dead, at once,
+    with no guess at how long an import takes to lock its folder.
+    """
+    name = os.urandom(8).hex()
+    starting = layout.tmp / f"{STARTING_PREFIX}{name}"
+    path = layout.tmp / f"{STAGING_PREFIX}{name}"
+    starting.mkdir()
     try:
-        fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(starting / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except BaseException:
-        shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(starting, ignore_errors=True)
         raise
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held by the open file, across the rename
+        starting.rename(path)
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(starting, ignore_errors=True)
         os.close(fd)
 
 
 def remove_abandoned_imports(layout: Layout) -> int:
     """Remove the staging folders of imports that were killed; returns how many.
 
-    A folder goes when no import holds its lock and it is older than
-    ``ABANDONED_SECONDS`` (an import takes its lock right after making it).
-    Each import calls this first; anything else cleaning ``tmp/`` should leave
-    ``import-*`` folders to it.
+    An ``import-*`` folder goes when no import holds its lock (a live import
+    holds it from before the folder has that name until it is removed). A
+    ``starting-import-*`` folder is one an import was killed in the instant
+    between making and locking it: it goes once it is ``ABANDONED_SECONDS`` old.
+    Server start-up, every import and ``gc --delete`` call this.
     """
     removed = 0
     now = time.time()
+    for path in layout.tmp.glob(f"{STARTING_PREFIX}*"):
+        with contextlib.suppress(OSError):
+            old = now - path.stat().st_mtime > ABANDONED_SECONDS
+            if old and path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+                removed += 1
     for path in layout.tmp.glob(f"{STAGING_PREFIX}*"):
-        try:
-            if path.is_symlink() or not path.is_dir():
-                continue
-            if now - path.stat().st_mtime < ABANDONED_SECONDS:
-                continue  # maybe an import that has not taken its lock yet
-        except OSError:
-            continue  # gone meanwhile
+        if path.is_symlink() or not path.is_dir():
+            continue
         try:
             fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
-            shutil.rmtree(path, ignore_errors=True)  # old, and no lock ever taken
+            if not path.exists():
+                continue  # finished meanwhile
+            shutil.rmtree(path, ignore_errors=True)  # never locked: not one of ours alive
             removed += 1
             continue
         except OSError:
@@ -479,6 +494,21 @@ def remove_abandoned_imports(layout: Layout) -> int:
         shutil.rmtree(path, ignore_errors=True)
         removed += 1
     return removed
+
+
+def read_ref_names(src: Path) -> list[str | None]:
+    """The image names in an archive's index.json, without staging anything (to
+    choose the store to import into). Empty when it cannot be read: the import
+    itself then says why."""
+    try:
+        with src.open("rb") as f, _open_tar(f) as tar:
+            for member in tar:
+                if member.isreg() and _member_name(member) == "index.json":
+                    data = _read_document(tar, member, _Meter(None))
+                    return [top.ref_name for top in _parse_index(data)]
+    except (OSError, tarfile.TarError, EOFError, CacheError):
+        pass
+    return []
 
 
 def _member_name(member: tarfile.TarInfo) -> str:

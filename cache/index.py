@@ -101,6 +101,26 @@ class TagIndex:
             if entry is not None:
                 yield upstream, repository, tag, accept, entry
 
+    def rekey(self, names: dict[str, str]) -> int:
+        """Move tags and tag lists recorded under an upstream's URL (as before
+        they were keyed by the upstream's name) to its name; ``names`` maps URL
+        to name. An entry already under the name is newer and wins. Returns how
+        many entries moved."""
+        moved = 0
+        for key in list(self._cache.iterkeys()):
+            if not isinstance(key, str) or not key.startswith(("tag\0", "list\0")):
+                continue
+            kind, upstream, rest = key.split("\0", 2)
+            name = names.get(upstream)
+            if name is None:
+                continue
+            value = self._cache.get(key)
+            if value is not None:
+                self._cache.add(f"{kind}\0{name}\0{rest}", value)  # add: never overwrites
+            self._cache.delete(key)
+            moved += 1
+        return moved
+
     def pins(self) -> set[str]:
         raw = self._cache.get("pins", ())
         return {str(p) for p in raw} if isinstance(raw, tuple | list | set) else set()

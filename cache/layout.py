@@ -12,8 +12,13 @@ The whole on-disk layout, in one place::
       tmp/<algorithm>-<hex>.size               the expected size of that download,
                                                written once the upstream has answered
       tmp/<random>.tmp                         a manifest or index file being written
-      index/                                   diskcache: (repository, tag, accept) ->
-                                               (digest, media type, time fetched)
+      tmp/import-<random>/                     an import's staging folder, locked by it
+      index/                                   diskcache: (upstream name, repository,
+                                               tag, accept) -> (digest, media type,
+                                               time fetched); pins
+      upstreams.json, upstreams/<name>/        the upstreams a server ran with, and the
+                                               stores of those with credentials
+                                               (cache/stores.py)
       quarantine/<kind>-<algorithm>-<hex>      a blob or manifest found corrupt, moved
                                                out of the serving path (kind: blob or
                                                manifest; mtime: when); never served,

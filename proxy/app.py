@@ -13,12 +13,14 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from cache import stores
 from cache.archive import remove_abandoned_imports
 from cache.blobs import BlobStore
 from cache.index import TagIndex
 from cache.layout import Layout
 from cache.manifests import ManifestStore
 from cache.scrub import Scrubber
+from cache.stores import KnownUpstream
 from metrics import CacheUsage, Metrics
 from proxy.config import Settings, UpstreamSettings
 from proxy.errors import oci_errors
@@ -41,26 +43,32 @@ DISCOVER_SECONDS = 2.0
 
 
 def layouts(settings: Settings) -> dict[str, Layout]:
-    """Where each upstream's content lives, by upstream name.
-
-    Anonymous upstreams share one content-addressed store: anyone who can reach
-    the mirror can read all of them anyway, and base layers are common. An
-    upstream with credentials gets a store of its own, so that what only its
-    credentials can read is never answered under another upstream's name.
-    """
-    root = settings.cache_dir.resolve()
-    shared = Layout(root)
-    return {
-        up.name: Layout(root / "upstreams" / up.name.replace(":", "_"))
-        if up.has_credentials
-        else shared
-        for up in settings.all_upstreams()
-    }
+    """Where each configured upstream's content lives, by upstream name (the rule
+    is in cache/stores.py)."""
+    pairs = ((up.name, up.has_credentials) for up in settings.all_upstreams())
+    return stores.layouts(settings.cache_dir.resolve(), pairs)
 
 
 def index_dir(settings: Settings) -> Path:
-    """The tag index, one for all upstreams (its keys name the upstream)."""
-    return settings.cache_dir.resolve() / "index"
+    return stores.index_dir(settings.cache_dir.resolve())
+
+
+def known_upstreams(settings: Settings) -> dict[str, KnownUpstream]:
+    """The upstreams this cache has seen: those a server recorded in it, with
+    these settings' own on top."""
+    known = stores.read_record(settings.cache_dir.resolve())
+    for up in settings.all_upstreams():
+        known[up.name] = KnownUpstream(up.name, str(up.url), up.has_credentials)
+    return known
+
+
+def rekey_tags(tags: TagIndex, known: dict[str, KnownUpstream]) -> int:
+    """Tags recorded under an upstream's URL (before they were keyed by name) go
+    under its name; a URL two names share cannot be attributed and stays."""
+    by_url: dict[str, set[str]] = {}
+    for up in known.values():
+        by_url.setdefault(up.url, set()).add(up.name)
+    return tags.rekey({url: names.pop() for url, names in by_url.items() if len(names) == 1})
 
 
 def _upstream_client(
@@ -108,6 +116,9 @@ async def open_mirrors(settings: Settings, metrics: Metrics) -> AsyncIterator[Re
     for layout in distinct:
         layout.create()
     tags = TagIndex(index_dir(settings))
+    moved = await asyncio.to_thread(rekey_tags, tags, known_upstreams(settings))
+    if moved:
+        log.info("moved %d tag entries from upstream URLs to upstream names", moved)
     housekeeper = Housekeeper(settings, by_upstream, tags, metrics)
     stores: dict[Layout, tuple[BlobStore, ManifestStore]] = {}
     for layout in distinct:
@@ -154,6 +165,19 @@ async def _serve_mirrors(app: web.Application) -> AsyncIterator[None]:
     metrics = app[METRICS]
     async with open_mirrors(settings, metrics) as resources:
         app[MIRRORS] = resources.mirrors
+        # So that the command-line tools, run without this server's settings,
+        # find what it pulls and in which store.
+        try:
+            await asyncio.to_thread(
+                stores.record_upstreams,
+                settings.cache_dir.resolve(),
+                [
+                    KnownUpstream(u.name, str(u.url), u.has_credentials)
+                    for u in settings.all_upstreams()
+                ],
+            )
+        except OSError as exc:  # the mirror works without it; only the tools miss it
+            log.warning("cannot record the upstreams in %s: %s", stores.RECORD, exc)
         distinct = resources.housekeeper.distinct_layouts()
 
         def usage() -> CacheUsage:

@@ -24,7 +24,7 @@ from metrics import MULTIPROCESS_ENV
 from proxy import stats
 from proxy.app import create_app, layouts
 from proxy.commands import run_tool
-from proxy.config import ConfigError, Settings, load_settings
+from proxy.config import ConfigError, Settings, load_settings, prepare_cache_dir
 from proxy.logs import AccessLogger
 from proxy.logs import configure as configure_logs
 
@@ -160,24 +160,32 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Set
     return load_settings(config_file=config, environ=environ, overrides=overrides)
 
 
+# Commands that write to the cache: they may create it. The others only read
+# it, and a missing cache is an error for them (a mistyped --cache-dir must not
+# leave an empty cache behind).
+WRITERS = frozenset({"serve", "warm", "import", "cache pin", "cache unpin"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit codes: 0 done; 1 the command failed (nothing cached there, an image not
+    cached, an upstream error); 2 a usage or configuration error (argparse's code
+    too), always one line on stderr."""
     args = _parser().parse_args(argv)
     if args.command == "stats":
         return show_stats(args.url)
-    if args.command != "serve":
-        try:
-            settings = settings_from_args(args, dict(os.environ))
-        except ConfigError as exc:
-            print(f"pullthrough: {exc}", file=sys.stderr)
-            return 2
-        configure_logs(settings.log_level if args.log_level else "WARNING", "text")
-        return run_tool(args, settings)
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if args.command == "serve":
+        logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    command = " ".join(filter(None, (args.command, getattr(args, "action", None))))
     try:
         settings = settings_from_args(args, dict(os.environ))
+        if command in WRITERS:
+            prepare_cache_dir(settings.cache_dir)
     except ConfigError as exc:
         print(f"pullthrough: {exc}", file=sys.stderr)
         return 2
+    if args.command != "serve":
+        configure_logs(settings.log_level if args.log_level else "WARNING", "text")
+        return run_tool(args, settings)
     configure_logs(settings.log_level, settings.log_format)
     return serve(settings)
 

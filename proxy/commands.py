@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,10 +20,12 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from cache.archive import ExportImage, export_archive, import_archive
+from cache import stores
+from cache.archive import ExportImage, export_archive, import_archive, read_ref_names
 from cache.digests import Digest
-from cache.errors import CacheError
+from cache.errors import CacheError, InvalidDigest
 from cache.index import TagEntry
+from cache.layout import Layout
 from cache.quarantine import Corrupt
 from cache.scrub import total_bytes, verify_all
 from proxy import tools
@@ -41,7 +44,16 @@ class CommandError(Exception):
 
 
 def run_tool(args: argparse.Namespace, settings: Settings) -> int:
+    """Run a cache command: 0 done, 1 failed (one line on stderr)."""
     console = Console(highlight=False, soft_wrap=True)
+    errors = Console(stderr=True, highlight=False, soft_wrap=True)
+
+    command = " ".join(filter(None, (args.command, getattr(args, "action", None))))
+
+    def fail(text: object) -> int:
+        errors.print(f"pullthrough {command}: {text}", style="red", markup=False)
+        return 1
+
     try:
         if args.command == "warm":
             return _warm(args, settings, console)
@@ -52,12 +64,17 @@ def run_tool(args: argparse.Namespace, settings: Settings) -> int:
         if args.command == "gc":
             return _gc(args, settings, console)
         return _cache(args, settings, console)
+    except tools.NoCache as exc:
+        # Only reading, and nothing to read: a mistyped --cache-dir must not
+        # leave a new empty cache behind.
+        return fail(f"{exc} (check --cache-dir)")
     except (CommandError, CacheError, RegistryError) as exc:
         text = (
             f"{exc.code}: {exc.message} ({exc.detail})" if isinstance(exc, RegistryError) else exc
         )
-        console.print(f"[red]pullthrough {args.command}: {text}")
-        return 1
+        return fail(text)
+    except OSError as exc:  # an unreadable cache, a full disk: one line, no traceback
+        return fail(exc)
 
 
 def _images(args: argparse.Namespace) -> list[str]:
@@ -78,6 +95,17 @@ def _platforms(args: argparse.Namespace) -> frozenset[str] | None:
 
 
 def _warm(args: argparse.Namespace, settings: Settings, console: Console) -> int:
+    recorded = stores.read_record(settings.cache_dir.resolve())
+    for up in settings.all_upstreams():
+        known = recorded.get(up.name)
+        if known is not None and known.url != str(up.url):
+            # Not an error (a warm may use another route), but rarely meant.
+            print(
+                f"pullthrough warm: note: the server on this cache fetches {up.name} from "
+                f"{known.url}; this warm fetches it from {up.url} (--upstream or --config "
+                "to match)",
+                file=sys.stderr,
+            )
     started = time.monotonic()
     summary = asyncio.run(
         tools.warm(settings, _images(args), platforms=_platforms(args), console=console)
@@ -95,18 +123,16 @@ def _warm(args: argparse.Namespace, settings: Settings, console: Console) -> int
 
 
 def _export(args: argparse.Namespace, settings: Settings, console: Console) -> int:
-
     platforms = _platforms(args)
-    with tools.housekeeper(settings) as keeper:
+    with tools.housekeeper(settings, create=False) as keeper:
         items, layout = [], None
         for raw in _images(args):
             image = ImageRef.parse(raw)
             tops = keeper.resolve(image)
             if not tops:
-                raise CommandError(f"{image} is not cached; `pullthrough warm {raw}` first")
+                raise CommandError(_not_cached(keeper, image, raw))
             # Of the answers cached for different clients, the index is the whole image.
-            top = next((t for t in tops if t.media_type in INDEXES), tops[0])
-            where = keeper.layouts[image.upstream]
+            top, where = next(((t, w) for t, w in tops if t.media_type in INDEXES), tops[0])
             if layout is not None and where != layout:
                 raise CommandError("export images of upstreams with credentials separately")
             layout = where
@@ -123,21 +149,28 @@ def _export(args: argparse.Namespace, settings: Settings, console: Console) -> i
     return 0
 
 
-def _import(args: argparse.Namespace, settings: Settings, console: Console) -> int:
+def _not_cached(keeper: Housekeeper, image: ImageRef, raw: str) -> str:
+    if image.upstream not in keeper.layouts:
+        return (
+            f"{image} is not cached: no server on this cache was configured with "
+            f"{image.upstream} (known: {', '.join(sorted(keeper.layouts))})"
+        )
+    return f"{image} is not cached; `pullthrough warm {raw}` first"
 
+
+def _import(args: argparse.Namespace, settings: Settings, console: Console) -> int:
     archive: Path = args.archive
     if not archive.is_file():
         raise CommandError(f"no such file: {archive}")
     with tools.housekeeper(settings) as keeper:
-        layout = keeper.layouts["docker.io"]
+        layout = _import_store(keeper, read_ref_names(archive))
         with _bar(console, "import", total=archive.stat().st_size) as (progress, task):
             summary = import_archive(archive, layout, progress=lambda n: progress.advance(task, n))
-        keys = {u.name: str(u.url) for u in settings.all_upstreams()}
         for image in summary.images:
-            tagged = _tag(keeper, keys, image.ref_name, image.digest, image.media_type)
+            tagged = _tag(keeper, image.ref_name, image.digest, image.media_type)
             console.print(f"  {image.digest}  {tagged}")
     console.print(
-        f"imported {len(summary.images)} image(s) from {archive}: "
+        f"imported {len(summary.images)} image(s) from {archive} into {layout.root}: "
         f"{summary.manifests_added} manifest(s), {summary.blobs_added} blob(s) added "
         f"({human(summary.bytes_added)}), {summary.blobs_present} already cached; "
         "every digest verified"
@@ -145,13 +178,28 @@ def _import(args: argparse.Namespace, settings: Settings, console: Console) -> i
     return 0
 
 
-def _tag(
-    keeper: Housekeeper,
-    keys: dict[str, str],
-    ref_name: str | None,
-    digest: Digest,
-    media_type: str,
-) -> str:
+def _import_store(keeper: Housekeeper, ref_names: list[str | None]) -> Layout:
+    """The store an archive goes into: that of the upstream its images name (an
+    upstream with credentials has its own); the shared one for images that name
+    no known upstream. One store per import, as one archive is one transaction."""
+    chosen: dict[Layout, list[str]] = {}
+    for ref_name in ref_names:
+        with contextlib.suppress(RegistryError, InvalidDigest):
+            upstream = ImageRef.parse(ref_name or "").upstream
+            if ref_name and upstream in keeper.layouts:
+                chosen.setdefault(keeper.layouts[upstream], []).append(ref_name)
+    if len(chosen) > 1:
+        parts = "; ".join(f"{', '.join(names)} -> {lay.root}" for lay, names in chosen.items())
+        raise CommandError(
+            f"the archive holds images of upstreams with separate stores ({parts}): "
+            "export and import them separately"
+        )
+    if chosen:
+        return next(iter(chosen))
+    return Layout(keeper.settings.cache_dir.resolve())
+
+
+def _tag(keeper: Housekeeper, ref_name: str | None, digest: Digest, media_type: str) -> str:
     """Record an imported image's tag, when its ref name has one; say what happened."""
     last = (ref_name or "").rsplit("/", 1)[-1]
     if not ref_name or ":" not in last or "@" in ref_name:
@@ -160,20 +208,21 @@ def _tag(
         image = ImageRef.parse(ref_name)
     except RegistryError:
         return f"(ref name {ref_name!r} is not an image reference: pull it by digest)"
-    key = keys.get(image.upstream)
-    if key is None or image.reference.tag is None:
+    if image.upstream not in keeper.layouts or image.reference.tag is None:
         return f"(registry {image.upstream} is not configured: pull it by digest)"
     entry = TagEntry(str(digest), media_type, time.time())
-    keeper.tags.put_sync(key, image.repository, image.reference.tag, ANY_CLIENT, entry)
+    keeper.tags.put_sync(image.upstream, image.repository, image.reference.tag, ANY_CLIENT, entry)
     return str(image)
 
 
 def _cache(args: argparse.Namespace, settings: Settings, console: Console) -> int:
     if args.action == "verify":
         return _verify(settings, console)
-    with tools.housekeeper(settings) as keeper:
+    pinning = args.action in ("pin", "unpin")
+    with tools.housekeeper(settings, create=pinning) as keeper:
         if args.action == "ls":
             tools.print_images(tools.list_images(keeper), console)
+            _warn_unattributed(keeper)
         elif args.action == "du":
             usage = tools.disk_usage(keeper.distinct_layouts())
             total = usage.blob_bytes + usage.manifest_bytes
@@ -198,7 +247,7 @@ def _cache(args: argparse.Namespace, settings: Settings, console: Console) -> in
 
 
 def _verify(settings: Settings, console: Console) -> int:
-    with tools.housekeeper(settings) as keeper:
+    with tools.housekeeper(settings, create=False) as keeper:
         layouts = keeper.distinct_layouts()
         with _bar(console, "verify", total=total_bytes(layouts)) as (progress, task):
 
@@ -223,8 +272,19 @@ def _verify(settings: Settings, console: Console) -> int:
     return 1
 
 
+def _warn_unattributed(keeper: Housekeeper) -> None:
+    unknown = tools.unattributed(keeper)
+    if unknown:
+        print(
+            f"pullthrough: tags recorded under {', '.join(sorted(unknown))} are not listed: "
+            "no upstream of that name or URL is known to this cache (start the server "
+            "that pulled them once, or pass its --config)",
+            file=sys.stderr,
+        )
+
+
 def _gc(args: argparse.Namespace, settings: Settings, console: Console) -> int:
-    with tools.housekeeper(settings) as keeper:
+    with tools.housekeeper(settings, create=False) as keeper:
         result = tools.collect_garbage(keeper, delete=args.delete)
     verb = "removed" if args.delete else "would remove"
     console.print(
@@ -233,6 +293,8 @@ def _gc(args: argparse.Namespace, settings: Settings, console: Console) -> int:
         f"{result.evicted} object(s) over the size/age limits "
         f"({human(result.evicted_bytes)})"
     )
+    for reason in result.skipped:
+        console.print(f"[yellow]kept: {reason}")
     if not args.delete:
         console.print("nothing was deleted: run `pullthrough gc --delete` to do it")
     return 0

@@ -7,9 +7,12 @@ so a bad value stops the server with a clear message instead of failing a reques
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import logging
+import math
+import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -51,6 +54,29 @@ def _check_url(what: str, url: URL) -> None:
         raise ConfigError(f"{what} must be scheme://host[:port], not {url}")
 
 
+# One RFC 1123 host name label.
+_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+
+
+def _check_host(host: str) -> None:
+    """An IP address, or a name that could resolve: never a dotted quad out of range
+    (``999.1.1.1``), which would otherwise be looked up as a name and fail late."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return
+    labels = host.rstrip(".").split(".")
+    if (
+        not host
+        or len(host) > 253
+        or not all(_LABEL.match(label) for label in labels)
+        or labels[-1].isdigit()  # all-numeric last label: an address, and not a valid one
+    ):
+        raise ConfigError(f"host must be an IP address or a host name, not {host!r}")
+
+
 @dataclass(frozen=True)
 class UpstreamSettings:
     """One registry the mirror serves, under the name clients use for it."""
@@ -85,15 +111,28 @@ def _upstream_from(name: str, table: Mapping[str, Any]) -> UpstreamSettings:
     unknown = sorted(set(table) - known)
     if unknown:
         raise ConfigError(f"upstream {name}: unknown setting(s) {', '.join(unknown)}")
+    where = f'upstreams."{name}"'
+    for key in ("url", "username", "password"):
+        if table.get(key) is not None and not isinstance(table[key], str):
+            raise ConfigError(f"{where}.{key} must be a string, not {table[key]!r}")
+    for key in ("username", "password"):
+        if isinstance(table.get(key), str) and not table[key].strip():
+            raise ConfigError(f"{where}.{key} is empty: give a value, or leave both out")
+    tag_ttl = table.get("tag_ttl")
+    if tag_ttl is not None and (isinstance(tag_ttl, bool) or not isinstance(tag_ttl, int | float)):
+        raise ConfigError(f"{where}.tag_ttl must be a number of seconds, not {tag_ttl!r}")
+    for key in ("offline", "library_prefix"):
+        if table.get(key) is not None and not isinstance(table[key], bool):
+            raise ConfigError(f"{where}.{key} must be true or false, not {table[key]!r}")
     try:
         return UpstreamSettings(
             name=name,
             url=URL(str(table.get("url", f"https://{name}")).rstrip("/")),
-            username=None if table.get("username") is None else str(table["username"]),
-            password=None if table.get("password") is None else str(table["password"]),
-            tag_ttl=None if table.get("tag_ttl") is None else float(table["tag_ttl"]),
-            offline=None if table.get("offline") is None else _boolean(table["offline"]),
-            library_prefix=_boolean(table.get("library_prefix", False)),
+            username=table.get("username"),
+            password=table.get("password"),
+            tag_ttl=None if tag_ttl is None else float(tag_ttl),
+            offline=table.get("offline"),
+            library_prefix=bool(table.get("library_prefix", False)),
         )
     except ValueError as exc:
         raise ConfigError(f"upstream {name}: {exc}") from None
@@ -192,6 +231,7 @@ class Settings:
     log_format: str = "text"
 
     def __post_init__(self) -> None:
+        _check_host(self.host)
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be 1-65535, not {self.port}")
         _check_url("upstream", self.upstream)
@@ -246,35 +286,94 @@ class Settings:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+# Settings whose value is a secret or a name: an empty one is a mistake (a Compose
+# line uncommented but its variable unset), never a wish for anonymous pulls.
+_NOT_EMPTY = frozenset({"upstream_username", "upstream_password"})
+# Optional settings (default None) and the type they take.
+_OPTIONAL_NUMBERS = frozenset({"max_age_days"})
 
 
-def _convert(name: str, value: Any) -> Any:
+def _convert(name: str, value: Any, where: str, *, from_file: bool = False) -> Any:
+    """``value`` as the setting's type. TOML gives typed values and they must have
+    the right type (``workers = 2.5`` is an error, not 2); the environment and
+    flags give strings, which are parsed. ``where`` names the setting as the
+    operator wrote it, for the message."""
     default = _FIELDS[name].default
-    try:
-        if name in ("scrub_rate", "upstream_min_rate"):  # bytes a second: "20MiB" or "20MiB/s"
-            return parse_size(value.removesuffix("/s") if isinstance(value, str) else value)
-        if isinstance(default, bool):
-            return _boolean(value)
-        if isinstance(default, int):
+    # Strings are parsed only from the environment and flags: in the file a
+    # number or a boolean must be one (`port = "5000"` is as wrong as `port = [1]`).
+    text = isinstance(value, str)
+    parse = text and not from_file
+
+    def wrong(expected: str) -> ConfigError:
+        return ConfigError(f"{where} must be {expected}, not {value!r}")
+
+    if value is None:
+        return None
+    if name in ("scrub_rate", "upstream_min_rate"):  # bytes a second: "20MiB" or "20MiB/s"
+        try:
+            size = _typed(value, str | int | float)
+            return parse_size(size.removesuffix("/s") if isinstance(size, str) else size)
+        except (TypeError, ValueError):
+            raise wrong("a rate in bytes a second (20MiB, 1KiB/s or bytes)") from None
+    if isinstance(default, bool):
+        try:
+            return _boolean(value) if parse else _typed(value, bool)
+        except (TypeError, ValueError):
+            raise wrong("true or false") from None
+    if isinstance(default, int):
+        if parse and re.fullmatch(r"\s*[+-]?[0-9]+\s*", value):
             return int(value)
-        if isinstance(default, float):
-            return float(value)
-        if isinstance(default, Path):
-            return Path(value)
-        if isinstance(default, URL):
-            return URL(str(value).rstrip("/"))
-        if name == "upstreams":
-            return parse_upstreams(value)
-        if name == "max_size":
-            return None if value is None else parse_size(value)
-        if name == "max_age_days":
-            return None if value is None else float(value)
-        if name in ("pinned", "redirect_allow"):
-            items = value.split(",") if isinstance(value, str) else list(value)
-            return tuple(str(i).strip() for i in items if str(i).strip())
-    except ValueError as exc:
-        raise ConfigError(f"{name}: {value!r} is not a valid value ({exc})") from None
-    return None if value is None else str(value)
+        if not text and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise wrong("a whole number")
+    if isinstance(default, float) or name in _OPTIONAL_NUMBERS:
+        number = None
+        if parse:
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            number = float(value)
+        if number is None or not math.isfinite(number):
+            raise wrong("a number")
+        return number
+    if name == "upstreams":
+        return parse_upstreams(value)
+    if name == "max_size":
+        try:
+            return parse_size(_typed(value, str | int | float))
+        except (TypeError, ValueError):
+            raise wrong("a size (50GiB, 500MB or bytes)") from None
+    if name in ("pinned", "redirect_allow"):
+        if text:
+            items = value.split(",")
+        elif isinstance(value, list | tuple) and all(isinstance(i, str) for i in value):
+            items = list(value)
+        else:
+            raise wrong(
+                "a list of image names" if name == "pinned" else "a list of CIDRs or host names"
+            )
+        return tuple(i.strip() for i in items if i.strip())
+    if not text:
+        raise wrong("a string")
+    if name in _NOT_EMPTY and not value.strip():
+        raise ConfigError(
+            f"{where} is set but empty: give it a value, or unset it for anonymous pulls"
+        )
+    if isinstance(default, Path):
+        return Path(value)
+    if isinstance(default, URL):
+        try:
+            return URL(value.rstrip("/"))
+        except ValueError:
+            raise wrong("a URL") from None
+    return value
+
+
+def _typed(value: Any, kind: Any) -> Any:
+    """``value`` if it is of ``kind`` (TOML's booleans are no numbers), else TypeError."""
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
+        raise TypeError(kind)
+    return value
 
 
 _UNITS = {
@@ -317,6 +416,20 @@ def _boolean(value: Any) -> bool:
     raise ValueError("expected true or false")
 
 
+def prepare_cache_dir(path: Path) -> None:
+    """Create the cache folder if needed and check it can be written, so that a
+    path that cannot work (``/proc/nope``, a read-only mount) stops the server or
+    command with one line, not a traceback from deep inside."""
+    probe = path / f".probe-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError(f"cache_dir {path} cannot be created or written: {reason}") from None
+
+
 def load_settings(
     *,
     config_file: Path | None = None,
@@ -325,12 +438,15 @@ def load_settings(
 ) -> Settings:
     """Build the settings; raises ConfigError with a message meant for the operator."""
     values: dict[str, Any] = {}
+    where: dict[str, str] = {}
     if config_file is not None:
         try:
             with config_file.open("rb") as f:
                 values.update(tomllib.load(f))
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config file {config_file}: {exc}") from None
+        where.update({name: f"{name} (in {config_file})" for name in values})
+    from_file = set(values)
     unknown = sorted(set(values) - set(_FIELDS))
     if unknown:
         raise ConfigError(f"unknown setting(s) in {config_file}: {', '.join(unknown)}")
@@ -340,9 +456,18 @@ def load_settings(
         name = key.removeprefix(ENV_PREFIX).lower()
         if name in _FIELDS:
             values[name] = raw
+            where[name] = f"{name} ({key})"
+            from_file.discard(name)
         else:
             # Not fatal: Kubernetes alone sets PULLTHROUGH_SERVICE_HOST and
             # friends for a Service of that name.
             log.warning("ignoring %s: pullthrough has no setting %r", key, name)
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return Settings(**{k: _convert(k, v) for k, v in values.items()})
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = value
+            where[name] = f"{name} (--{name.replace('_', '-')})"
+            from_file.discard(name)
+    converted = {
+        k: _convert(k, v, where.get(k, k), from_file=k in from_file) for k, v in values.items()
+    }
+    return Settings(**converted)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from functools import partial
 
 from cache.digests import Digest
 from cache.errors import InvalidDigest
@@ -32,12 +33,16 @@ class Housekeeper:
         layouts: dict[str, Layout],
         tags: TagIndex,
         metrics: Metrics | None = None,
+        *,
+        more_layouts: Sequence[Layout] = (),
     ) -> None:
         self.settings = settings
         self.layouts = layouts  # by upstream name
+        # Stores no configured upstream uses (found on disk by the tools):
+        # counted, collected and evicted, never read for an upstream's name.
+        self.more_layouts = list(more_layouts)
         self.tags = tags
         self.metrics = metrics
-        self._keys = {u.name: str(u.url) for u in settings.all_upstreams()}
         self._wake = asyncio.Event()
 
     @property
@@ -45,48 +50,73 @@ class Housekeeper:
         return self.settings.max_size is not None or self.settings.max_age_days is not None
 
     def distinct_layouts(self) -> list[Layout]:
-        return list({layout.root: layout for layout in self.layouts.values()}.values())
+        every = [*self.layouts.values(), *self.more_layouts]
+        return list({layout.root: layout for layout in every}.values())
 
     def pins(self) -> set[str]:
         return set(self.settings.pinned) | self.tags.pins()
 
-    def resolve(self, image: ImageRef) -> list[StoredManifest]:
-        """The cached top manifests an image reference names (one per Accept set seen)."""
-        layout = self.layouts.get(image.upstream)
-        if layout is None:
-            return []
-        store = ManifestStore(layout)
-        digests: set[str] = set()
+    def _tagged(self, image: ImageRef) -> set[str]:
+        """Digests recorded for the image's tag by its upstream."""
         if image.reference.digest is not None:
-            digests.add(str(image.reference.digest))
-        else:
-            key = self._keys[image.upstream]
-            for upstream, repository, tag, _, entry in self.tags.tags():
-                if (upstream, repository, tag) == (key, image.repository, image.reference.tag):
-                    digests.add(entry.digest)
+            return {str(image.reference.digest)}
+        return {
+            entry.digest
+            for upstream, repository, tag, _, entry in self.tags.tags()
+            if (upstream, repository, tag)
+            == (image.upstream, image.repository, image.reference.tag)
+        }
+
+    def resolve(self, image: ImageRef) -> list[tuple[StoredManifest, Layout]]:
+        """The cached top manifests an image reference names (one per Accept set
+        seen), with the store each is in: the upstream's own, else the shared
+        one (content an anonymous pull of the same name put there)."""
+        own = self.layouts.get(image.upstream)
+        if own is None:
+            return []
+        shared = Layout(self.settings.cache_dir.resolve())
+        return self._read(self._tagged(image), [own, shared])
+
+    def _read(
+        self, digests: set[str], layouts: Sequence[Layout]
+    ) -> list[tuple[StoredManifest, Layout]]:
         found = []
         for raw in sorted(digests):
             with contextlib.suppress(InvalidDigest):
-                manifest = store.read(Digest.parse(raw))
-                if manifest is not None:
-                    found.append(manifest)
+                digest = Digest.parse(raw)
+                for layout in dict.fromkeys(layouts):
+                    manifest = ManifestStore(layout).read(digest, touch=False)
+                    if manifest is not None:
+                        found.append((manifest, layout))
+                        break
         return found
 
     def protected(self) -> set[Digest]:
-        """Every manifest and blob a pinned image needs."""
-        keep: set[Digest] = set()
+        """Every manifest and blob a pinned image needs.
+
+        Generous on purpose: a pin protects its repository and tag as recorded
+        under any upstream (also one this process does not know, or an old
+        URL key), in every store, so no attribution gap can cost a pin.
+        """
+        images = []
         for pin in self.pins():
             try:
-                image = ImageRef.parse(pin)
+                images.append(ImageRef.parse(pin))
             except (RegistryError, InvalidDigest):
                 log.warning("ignoring pin %r: not an image reference", pin)
-                continue
-            layout = self.layouts.get(image.upstream)
-            if layout is None:
-                continue
-            store = ManifestStore(layout)
-            for top in self.resolve(image):
-                walked = closure(top, store.read)
+        tagged: dict[tuple[str, str], set[str]] = {}
+        if any(image.reference.tag is not None for image in images):
+            for _, repository, tag, _, entry in self.tags.tags():  # one pass for all pins
+                tagged.setdefault((repository, tag), set()).add(entry.digest)
+        keep: set[Digest] = set()
+        everywhere = self.distinct_layouts()
+        for image in images:
+            if image.reference.digest is not None:
+                digests = {str(image.reference.digest)}
+            else:
+                digests = tagged.get((image.repository, str(image.reference.tag)), set())
+            for top, layout in self._read(digests, everywhere):
+                walked = closure(top, partial(ManifestStore(layout).read, touch=False))
                 keep.update(m.digest for m in walked.manifests)
                 keep.update(walked.blobs)
                 keep.update(walked.missing_manifests)

@@ -139,7 +139,10 @@ class Mirror:
         self.metrics = metrics
         self._probe: tuple[float, str] | None = None
         self._recent_tags = SimpleMemoryCache()
-        self._upstream_key = str(upstream.base)
+        # Tags are recorded under the upstream's name, not its URL: the tools
+        # (`pullthrough cache ls`, export, pin, gc) find them without the
+        # server's --upstream, and a changed URL keeps them.
+        self._upstream_key = upstream.name
         self._manifest_flights: SingleFlight[tuple[str, str, str], StoredManifest] = SingleFlight()
         self._head_flights: SingleFlight[tuple[str, str, str], _UpstreamHead] = SingleFlight()
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,20 +28,30 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from cache import graph
+from cache import graph, stores
 from cache.archive import remove_abandoned_imports
 from cache.blobs import STALE_TMP_SECONDS, BlobStore
 from cache.digests import Digest
+from cache.errors import InvalidDigest
 from cache.evict import entries
 from cache.index import TagIndex
 from cache.layout import Layout
 from cache.manifests import ManifestStore, StoredManifest
 from metrics import Metrics
-from proxy.app import Resources, index_dir, layouts, open_mirrors
+from proxy.app import Resources, index_dir, known_upstreams, open_mirrors, rekey_tags
 from proxy.config import Settings
 from proxy.errors import RegistryError
 from proxy.housekeeping import Housekeeper, pin_all
-from proxy.mirror import ACCEPT_ALL, Mirror
+from proxy.mirror import (
+    ACCEPT_ALL,
+    DOCKER_LIST,
+    DOCKER_MANIFEST,
+    DOCKER_V1,
+    DOCKER_V1_SIGNED,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Mirror,
+)
 from proxy.names import ImageRef, Reference
 from proxy.stats import human
 
@@ -170,22 +182,25 @@ class ImageRow:
 
 
 def list_images(keeper: Housekeeper) -> list[ImageRow]:
-    names = {str(u.url): u.name for u in keeper.settings.all_upstreams()}
     pins = keeper.pins()
     seen: dict[tuple[str, str], ImageRow] = {}
-    for upstream, repository, tag, _, entry in keeper.tags.tags():
-        name = names.get(upstream)
-        if name is None:
-            continue  # an upstream no longer configured
+    shared = Layout(keeper.settings.cache_dir.resolve())
+    for name, repository, tag, _, entry in keeper.tags.tags():
+        own = keeper.layouts.get(name)
+        if own is None:
+            continue  # not attributable to a store: see unattributed()
         image = f"{name}/{repository}:{tag}"
         if (image, entry.digest) in seen:
             continue
-        layout = keeper.layouts[name]
-        store = ManifestStore(layout)
-        top = store.read(Digest.parse(entry.digest), touch=False)
+        top, layout = None, own
+        for layout in dict.fromkeys((own, shared)):
+            with contextlib.suppress(InvalidDigest):
+                top = ManifestStore(layout).read(Digest.parse(entry.digest), touch=False)
+            if top is not None:
+                break
         if top is None:
             continue  # evicted since
-        walked = graph.closure(top, partial(store.read, touch=False))
+        walked = graph.closure(top, partial(ManifestStore(layout).read, touch=False))
         size, last_used, complete = 0, 0.0, not walked.missing_manifests
         for path in [layout.manifest(m.digest) for m in walked.manifests] + [
             layout.blob(d) for d in walked.blobs
@@ -201,6 +216,13 @@ def list_images(keeper: Housekeeper) -> list[ImageRow]:
             image, entry.digest, top.media_type, size, complete, last_used, image in pins
         )
     return sorted(seen.values(), key=lambda r: (r.image, -r.last_used))
+
+
+def unattributed(keeper: Housekeeper) -> set[str]:
+    """Upstream keys in the tag index that name no upstream this cache knows:
+    a URL from before tags were keyed by name, or a server's upstream that was
+    never recorded here."""
+    return {name for name, *_ in keeper.tags.tags() if name not in keeper.layouts}
 
 
 def print_images(rows: Sequence[ImageRow], console: Console) -> None:
@@ -245,10 +267,12 @@ def disk_usage(layouts: Sequence[Layout]) -> Usage:
             usage.manifests += 1
             usage.manifest_bytes += entry.size
     for layout in layouts:
-        for path in layout.tmp.iterdir() if layout.tmp.is_dir() else ():
-            with contextlib.suppress(FileNotFoundError):
-                usage.temp_files += 1
-                usage.temp_bytes += path.stat().st_size
+        # Recursively: an import's staging folder holds whole layers.
+        for dirpath, _, files in os.walk(layout.tmp):
+            for name in files:
+                with contextlib.suppress(FileNotFoundError):
+                    usage.temp_bytes += (Path(dirpath) / name).stat().st_size
+                    usage.temp_files += 1
         for path in layout.quarantine.iterdir() if layout.quarantine.is_dir() else ():
             with contextlib.suppress(FileNotFoundError):
                 usage.quarantined_bytes += path.stat().st_size
@@ -266,29 +290,59 @@ class Collection:
     temp: int = 0
     evicted: int = 0
     evicted_bytes: int = 0
+    # Stores whose unreferenced blobs were left alone, and why.
+    skipped: list[str] = field(default_factory=list)
+
+
+# Manifest types whose references graph.blobs and graph.children know; for any
+# other, gc cannot tell which blobs it needs.
+KNOWN_MANIFESTS = frozenset(
+    {OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST, DOCKER_V1, DOCKER_V1_SIGNED}
+)
 
 
 def collect_garbage(keeper: Housekeeper, *, delete: bool) -> Collection:
     """Blobs no cached manifest names, temp files no live download holds, and what
-    the size and age limits would evict. Only counts unless ``delete``."""
+    the size and age limits would evict. Only counts unless ``delete``.
+
+    Never removes a pinned image's content. A store with a manifest gc cannot
+    read (an unknown type, damaged JSON) keeps all its blobs: which ones that
+    manifest needs cannot be told.
+    """
     result = Collection()
+    protected = keeper.protected()
     for layout in keeper.distinct_layouts():
         store = ManifestStore(layout)
         referenced: set[Digest] = set()
         found = list(entries([layout]))
+        unreadable = []
         for entry in found:
             if entry.kind == "manifest":
                 manifest = store.read(entry.digest, touch=False)
-                if manifest is not None:
-                    referenced.update(d.digest for d in graph.blobs(manifest))
-        cutoff = time.time() - STALE_TMP_SECONDS
-        for entry in found:
-            # Recent blobs may belong to a pull whose manifest is on its way.
-            if entry.kind == "blob" and entry.digest not in referenced and entry.last_used < cutoff:
-                result.unreferenced.append(entry.path)
-                result.unreferenced_bytes += entry.size
-                if delete:
-                    entry.path.unlink(missing_ok=True)
+                if manifest is None:
+                    continue  # removed meanwhile
+                if manifest.media_type not in KNOWN_MANIFESTS or not _is_json(manifest.data):
+                    unreadable.append(str(entry.digest))
+                referenced.update(d.digest for d in graph.blobs(manifest))
+        if unreadable:
+            result.skipped.append(
+                f"{layout.root}: manifest(s) {', '.join(unreadable[:3])} of a type gc "
+                "cannot read; its blobs were left alone"
+            )
+        else:
+            cutoff = time.time() - STALE_TMP_SECONDS
+            for entry in found:
+                # Recent blobs may belong to a pull whose manifest is on its way.
+                if (
+                    entry.kind == "blob"
+                    and entry.digest not in referenced
+                    and entry.digest not in protected
+                    and entry.last_used < cutoff
+                ):
+                    result.unreferenced.append(entry.path)
+                    result.unreferenced_bytes += entry.size
+                    if delete:
+                        entry.path.unlink(missing_ok=True)
         if delete:
             result.temp += BlobStore(layout).remove_stale() + remove_abandoned_imports(layout)
         else:
@@ -301,18 +355,49 @@ def collect_garbage(keeper: Housekeeper, *, delete: bool) -> Collection:
     return result
 
 
+def _is_json(data: bytes) -> bool:
+    try:
+        json.loads(data)
+    except ValueError:
+        return False
+    return True
+
+
 def pin(keeper: Housekeeper, images: Sequence[str], *, remove: bool) -> set[str]:
     return pin_all(keeper.tags, images, remove=remove)
 
 
+class NoCache(Exception):
+    """A command that only reads the cache was pointed where there is none."""
+
+
+def has_cache(root: Path) -> bool:
+    return (root / "index").is_dir() or (root / "blobs").is_dir()
+
+
 @contextlib.contextmanager
-def housekeeper(settings: Settings) -> Iterator[Housekeeper]:
-    """A Housekeeper over the cache, for commands that need no network."""
-    by_upstream = layouts(settings)
-    for layout in by_upstream.values():
-        layout.create()
+def housekeeper(settings: Settings, *, create: bool = True) -> Iterator[Housekeeper]:
+    """A Housekeeper over the cache, for commands that need no network.
+
+    It sees every upstream a server recorded in the cache as well as those in
+    ``settings``, so it finds what the server pulled without its flags; an
+    upstream with credentials in either has its own store. ``create=False``
+    (commands that only read) raises NoCache rather than making one.
+    """
+    root = settings.cache_dir.resolve()
+    if not create and not has_cache(root):
+        raise NoCache(f"no cache at {root}")
+    known = stores.read_record(root)
+    creds = {name: k.has_credentials for name, k in known.items()}
+    for up in settings.all_upstreams():
+        creds[up.name] = creds.get(up.name, False) or up.has_credentials
+    by_upstream = stores.layouts(root, creds.items())
+    if create:
+        for layout in by_upstream.values():
+            layout.create()
     tags = TagIndex(index_dir(settings))
     try:
-        yield Housekeeper(settings, by_upstream, tags)
+        rekey_tags(tags, known_upstreams(settings))
+        yield Housekeeper(settings, by_upstream, tags, more_layouts=stores.private_stores(root))
     finally:
         tags.close()

@@ -113,7 +113,7 @@ def test_a_tampered_bundle_is_rejected_and_nothing_is_kept(
     target = tmp_path / "target"
     result = cli("import", str(bundle), cache=target, upstream=upstream.url)
     assert result.returncode == 1
-    assert "altered or damaged" in result.stdout
+    assert "altered or damaged" in result.stderr
     assert blob_files(target) == []
     assert [p for p in (target / "manifests").rglob("*") if p.is_file()] == []
 

@@ -755,19 +755,25 @@ def locked(target: Layout) -> Iterator[Path]:
 
 
 def test_folders_of_killed_imports_are_removed(bundle: Path, target: Layout, locked: Path) -> None:
-    old = 1_000_000_000.0
+    # Killed just now: no age guard, an import-* folder with a free lock is dead.
     dead = target.tmp / "import-dead"
     dead.mkdir()
     (dead / archive.LOCK_NAME).touch()
     (dead / "sha256-abc").write_bytes(b"left over")
     never_locked = target.tmp / "import-early"
     never_locked.mkdir()
-    starting = target.tmp / "import-starting"  # made just now, lock not yet taken
+    # Killed between making and locking its folder: old ones go, a new one may be alive.
+    stale_start = target.tmp / f"{archive.STARTING_PREFIX}old"
+    stale_start.mkdir()
+    old = 1_000_000_000.0
+    os.utime(stale_start, (old, old))
+    starting = target.tmp / f"{archive.STARTING_PREFIX}now"
     starting.mkdir()
-    for path in (dead, never_locked, locked):
-        os.utime(path, (old, old))
     import_archive(bundle, target)
-    assert sorted(p.name for p in target.tmp.iterdir()) == ["import-alive", "import-starting"]
+    assert sorted(p.name for p in target.tmp.iterdir()) == [
+        "import-alive",
+        f"{archive.STARTING_PREFIX}now",
+    ]
     assert archive.remove_abandoned_imports(target) == 0
 
 

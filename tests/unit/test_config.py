@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -133,4 +134,46 @@ def test_upstream_table_with_unknown_key_is_refused(tmp_path: Path) -> None:
     config = tmp_path / "pullthrough.toml"
     config.write_text('[upstreams."ghcr.io"]\nuser = "bot"\n')
     with pytest.raises(ConfigError, match="unknown setting"):
+        load_settings(config_file=config)
+
+
+def test_a_file_with_every_type_right_loads(tmp_path: Path) -> None:
+    config = tmp_path / "pullthrough.toml"
+    config.write_text(
+        'host = "127.0.0.1"\ncache_dir = "/var/cache/x"\noffline = true\nmax_size = "1GiB"\n'
+        'pinned = ["alpine:3.19"]\nmax_age_days = 7\ntag_ttl = 60\nworkers = 2\n'
+    )
+    settings = load_settings(config_file=config, environ={"PULLTHROUGH_READ_TIMEOUT": "30"})
+    assert (settings.host, settings.cache_dir, settings.offline) == (
+        "127.0.0.1",
+        Path("/var/cache/x"),
+        True,
+    )
+    assert (settings.max_size, settings.pinned, settings.max_age_days) == (
+        1024**3,
+        ("alpine:3.19",),
+        7.0,
+    )
+    assert (settings.tag_ttl, settings.workers, settings.read_timeout) == (60.0, 2, 30.0)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("workers = 2.5", "workers (in "),
+        ('port = "5000"', "port (in "),
+        ("offline = 1", "offline (in "),
+        ("tag_ttl = true", "tag_ttl (in "),
+        ("host = 5", "host (in "),
+        ('upstream_password = ""', "upstream_password (in "),
+        ('[upstreams."ghcr.io"]\nurl = 5', 'upstreams."ghcr.io".url'),
+        ('[upstreams."ghcr.io"]\ntag_ttl = "60"', 'upstreams."ghcr.io".tag_ttl'),
+    ],
+)
+def test_a_wrong_type_in_the_file_names_the_setting(
+    tmp_path: Path, line: str, message: str
+) -> None:
+    config = tmp_path / "pullthrough.toml"
+    config.write_text(line + "\n")
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_settings(config_file=config)

@@ -23,6 +23,7 @@ path outside the root.
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,15 +55,19 @@ class Layout:
     def size_file(self, digest: Digest) -> Path:
         return self.tmp / f"{digest.algorithm}-{digest.hex}.size"
 
-    def writable(self) -> bool:
-        """Can we create, write and remove a file where downloads are written?"""
+    def probe(self) -> str:
+        """ "writable", "full" (no space or quota left) or "not writable": can we
+        create, write and remove a file where downloads are written? The probe
+        file is removed whatever happens, also when writing it failed."""
         probe = self.tmp / f"probe-{os.getpid()}-{os.urandom(4).hex()}.tmp"
         try:
-            probe.write_bytes(b"ok")
-            probe.unlink()
-        except OSError:
-            return False
-        return True
+            try:
+                probe.write_bytes(b"ok")
+            finally:
+                probe.unlink(missing_ok=True)
+        except OSError as exc:
+            return "full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "not writable"
+        return "writable"
 
     def usage(self) -> tuple[int, int, int]:
         """(bytes, blobs, manifests) committed; walks the tree, so not for hot paths."""

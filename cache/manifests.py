@@ -13,6 +13,7 @@ from cache.digests import Digest
 from cache.errors import DigestMismatch
 from cache.evict import TOUCH_SECONDS, touch_if_stale
 from cache.layout import Layout, write_atomic
+from cache.space import WriteFailures
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,8 +34,15 @@ class ManifestStore:
     hot manifest costs no thread hop and no file read.
     """
 
-    def __init__(self, layout: Layout, *, memory_bytes: int = MEMORY_BYTES) -> None:
+    def __init__(
+        self,
+        layout: Layout,
+        *,
+        memory_bytes: int = MEMORY_BYTES,
+        failures: WriteFailures | None = None,
+    ) -> None:
         self.layout = layout
+        self.failures = failures or WriteFailures()
         self._memory: LRUCache[Digest, StoredManifest] = LRUCache(
             maxsize=memory_bytes, getsizeof=lambda m: len(m.data) + 256
         )
@@ -78,8 +86,15 @@ class ManifestStore:
         return found
 
     async def put(self, manifest: StoredManifest) -> None:
-        """Store a manifest after checking its bytes hash to its digest."""
-        await asyncio.to_thread(self.write, manifest)
+        """Store a manifest after checking its bytes hash to its digest.
+
+        One the disk cannot take (full, read-only, failing) is still kept in
+        memory, so it is answered now and from memory later; never half-written.
+        """
+        try:
+            await asyncio.to_thread(self.write, manifest)
+        except OSError as exc:
+            self.failures.record(f"manifest {manifest.digest}", exc)
         self._remember(manifest)
 
     def _remember(self, manifest: StoredManifest) -> None:

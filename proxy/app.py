@@ -17,6 +17,7 @@ from cache.blobs import BlobStore
 from cache.index import TagIndex
 from cache.layout import Layout
 from cache.manifests import ManifestStore
+from cache.space import WriteFailures
 from metrics import CacheUsage, Metrics
 from proxy.config import Settings, UpstreamSettings
 from proxy.errors import oci_errors
@@ -93,15 +94,26 @@ async def open_mirrors(settings: Settings, metrics: Metrics) -> AsyncIterator[Re
     distinct = list({layout.root: layout for layout in by_upstream.values()}.values())
     for layout in distinct:
         layout.create()
-    tags = TagIndex(index_dir(settings))
+
+    def count_failure(reason: str) -> None:
+        metrics.cache_write_failures.labels(reason).inc()
+
+    tags = TagIndex(index_dir(settings), WriteFailures(count_failure))
     housekeeper = Housekeeper(settings, by_upstream, tags, metrics)
     stores: dict[Layout, tuple[BlobStore, ManifestStore]] = {}
     for layout in distinct:
-        blobs = BlobStore(layout, read_timeout=settings.read_timeout, on_commit=housekeeper.poke)
+        failures = WriteFailures(count_failure)
+        blobs = BlobStore(
+            layout,
+            read_timeout=settings.read_timeout,
+            on_commit=housekeeper.poke,
+            failures=failures,
+            on_full=housekeeper.free_space if settings.max_size is not None else None,
+        )
         removed = blobs.remove_stale() + remove_abandoned_imports(layout)
         if removed:
             log.info("removed %d temp files left by an earlier run in %s", removed, layout.root)
-        stores[layout] = (blobs, ManifestStore(layout))
+        stores[layout] = (blobs, ManifestStore(layout, failures=failures))
     session = new_session(settings)
     mirrors = []
     for up in settings.all_upstreams():

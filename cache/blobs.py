@@ -75,6 +75,12 @@ class _Unwanted(DownloadFailed):
     """A pass-through download nobody reads any more: nothing to finish it for."""
 
 
+class Abandoned(DownloadFailed):
+    """The writer in another process went away without committing: its disk was
+    full (it goes on in pass-through for its own readers only), the bytes were
+    wrong, or it crashed. A reader may go on with a download of its own."""
+
+
 def _lock_is_free(fd: int) -> bool:
     """True when no process holds the writer's exclusive lock on ``fd``'s file."""
     try:
@@ -262,6 +268,7 @@ class Download:
     async def push(self, data: bytes) -> None:
         """Hand ``data`` to the readers; wait while the slowest is too far behind."""
         self._append(data)
+        self._trim()  # readers that joined further on never need what is before them
         self.notify()
         while self._buffered > PASS_THROUGH_BUFFER and self._readers:
             self._room = asyncio.Event()
@@ -451,10 +458,11 @@ class BlobStore:
     def active_downloads(self) -> int:
         return len(self._downloads)
 
-    def track(self, digest: Digest, fetch: Fetch) -> Tracker | None:
+    def track(self, digest: Digest, fetch: Fetch, *, committed: bool = False) -> Tracker | None:
         """Follow the download of ``digest``, starting it here if nobody runs one.
 
-        Returns None when the blob is already committed.
+        Returns None when the blob is already committed, or with ``committed`` a
+        tracker that reads the committed file.
         """
         download = self._downloads.get(digest)
         if download is not None:
@@ -468,8 +476,9 @@ class BlobStore:
             download = Download(BlobWriter(self.layout, digest, None), passthrough=True)
             return self._start(download, fetch, fd=None)
         if writer is None:
-            if self.stat(digest) is not None:
+            if self.stat(digest) is not None and not committed:
                 return None
+            # Someone else writes it (or wrote it): follow the file.
             return _ForeignTracker(self.layout, digest, self._read_timeout)
         download = Download(writer)
         self._downloads[digest] = download
@@ -773,7 +782,7 @@ class _ForeignTracker:
                 self._size = self._layout.blob(self._digest).stat().st_size
                 return self._size
             if not self._writer_alive():
-                raise DownloadFailed(f"the download of {self._digest} stopped")
+                raise Abandoned(f"the download of {self._digest} stopped")
             await asyncio.sleep(FOREIGN_POLL_SECONDS)
         raise DownloadFailed(f"no answer for {self._digest} within {self._timeout}s")
 
@@ -806,7 +815,7 @@ class _ForeignTracker:
             written = os.fstat(fd).st_size
             if _same_file(fd, final) and (self._size is None or written == self._size):
                 return State.COMMITTED, written
-            raise DownloadFailed(f"the download of {self._digest} was abandoned")
+            raise Abandoned(f"the download of {self._digest} was abandoned")
 
         async def wait() -> None:
             await asyncio.sleep(FOREIGN_POLL_SECONDS)

@@ -378,8 +378,12 @@ class Mirror:
         """The cached blob held open (eviction cannot take it now), or None."""
         return self.blobs.open(digest)
 
-    def blob_download(self, repository: str, digest: Digest) -> Tracker | None:
-        """Follow the upstream download of ``digest``, starting one if none runs."""
+    def blob_download(
+        self, repository: str, digest: Digest, *, committed: bool = False
+    ) -> Tracker | None:
+        """Follow the upstream download of ``digest``, starting one if none runs.
+
+        None when it is cached, unless ``committed``: then a tracker reading it."""
         if self.offline:
             raise BlobUnknown(f"{digest} is not cached (offline mode)")
 
@@ -403,7 +407,7 @@ class Mirror:
             finally:
                 self.metrics.downloads_in_flight.dec()
 
-        return self.blobs.track(digest, fetch)
+        return self.blobs.track(digest, fetch, committed=committed)
 
     async def blob_head(self, repository: str, digest: Digest) -> BlobHead:
         hit = self.blobs.stat(digest)

@@ -10,7 +10,7 @@ import time
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
-from cache.blobs import OpenBlob, Tracker
+from cache.blobs import Abandoned, OpenBlob, Tracker
 from cache.digests import Digest
 from cache.errors import DownloadFailed
 from proxy import names
@@ -188,7 +188,7 @@ async def blob(
             request[SOURCE] = "upstream"
             if tracker.joined:
                 request.app[METRICS].coalesced.labels("blob").inc()
-            return await _stream(request, digest, tracker, size)
+            return await _stream(request, mirror, repository, digest, tracker, size)
         finally:
             tracker.close()
     raise DownloadFailed(f"could not follow the download of {digest}")
@@ -211,7 +211,12 @@ class _HeldFileResponse(web.FileResponse):
 
 
 async def _stream(
-    request: web.Request, digest: Digest, tracker: Tracker, size: int | None
+    request: web.Request,
+    mirror: Mirror,
+    repository: str,
+    digest: Digest,
+    tracker: Tracker,
+    size: int | None,
 ) -> web.StreamResponse:
     """Send a blob while it downloads; a failed download ends the response short."""
     start, stop = 0, size
@@ -223,9 +228,23 @@ async def _stream(
     if stop is not None:
         response.content_length = stop - start
     await response.prepare(request)
+    pos = start
     try:
-        async for chunk in tracker.read(start, stop):
-            await response.write(chunk)
+        for attempt in range(1, FOLLOW_ATTEMPTS + 1):
+            try:
+                async for chunk in tracker.read(pos, stop):
+                    await response.write(chunk)
+                    pos += len(chunk)
+                break
+            except Abandoned:
+                # The worker whose download we followed gave it up (its disk
+                # full, or it died): go on from here with one of our own. What
+                # was sent stays valid: the last byte still waits for a digest.
+                if attempt == FOLLOW_ATTEMPTS:
+                    raise
+                tracker.close()
+                tracker = _must(mirror.blob_download(repository, digest, committed=True))
+                await tracker.size()
     except ConnectionError:
         raise  # the client went away
     except Exception as exc:
@@ -234,8 +253,15 @@ async def _stream(
         if request.transport is not None:
             request.transport.abort()
         raise ConnectionResetError(str(exc)) from exc
+    finally:
+        tracker.close()
     await response.write_eof()
     return response
+
+
+def _must(tracker: Tracker | None) -> Tracker:
+    assert tracker is not None  # asked with committed=True
+    return tracker
 
 
 def _byte_range(request: web.Request, size: int) -> tuple[int, int]:

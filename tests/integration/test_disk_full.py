@@ -18,6 +18,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from cache.blobs import BlobSink
 from proxy.app import create_app
 from proxy.keys import MIRRORS
 from tests.support.images import ACCEPT_ALL_MANIFESTS, HELLO, Blob, Image, make_image
@@ -208,3 +209,56 @@ async def test_with_a_size_cap_eviction_makes_room_before_giving_up(
     assert await metric(client, "pullthrough_cache_write_failures_total", reason="no_space") == 0
     async with client.get("/readyz") as resp:
         assert (await resp.json())["cache"] == "writable"
+
+
+async def test_a_follower_in_another_worker_goes_on_when_the_writer_gives_up(
+    small_disk: Path,
+    huge: Image,
+    upstream: Registry,
+    aiohttp_client: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Two apps on one cache root meet each other's flocks as two worker processes do.
+    settings = settings_for(small_disk / "cache", upstream.url)
+    first: Client = await aiohttp_client(create_app(settings))
+    second: Client = await aiohttp_client(create_app(settings))
+    writer_store = first.app[MIRRORS].default.blobs
+    joined = asyncio.Event()
+    write = BlobSink.write
+
+    async def write_once_followed(sink: BlobSink, chunk: bytes) -> None:
+        # Only timing: the first worker's download waits, at 20 MiB, until the
+        # other worker follows it, so that it surely gives up under a follower.
+        if sink._store is writer_store and sink._download.writer.stored > 20 * MiB:
+            await joined.wait()
+        await write(sink, chunk)
+
+    monkeypatch.setattr(BlobSink, "write", write_once_followed)
+    blob = layer(huge)
+    url = f"/v2/{huge.name}/blobs/{blob.digest}"
+    mark = await asyncio.to_thread(upstream.mark)
+
+    async def follow() -> tuple[int, str]:
+        hasher = hashlib.sha256()
+        async with second.get(url) as resp:
+            assert resp.status == 200
+            async for chunk in resp.content.iter_chunked(MiB):
+                joined.set()
+                hasher.update(chunk)
+        return resp.content_length or 0, f"sha256:{hasher.hexdigest()}"
+
+    async with first.get(url) as resp:
+        assert resp.status == 200
+        lead = hashlib.sha256(await resp.content.readexactly(MiB))
+        follower = asyncio.create_task(follow())
+        async for chunk in resp.content.iter_chunked(MiB):
+            lead.update(chunk)
+    assert f"sha256:{lead.hexdigest()}" == blob.digest
+    assert await follower == (blob.size, blob.digest)
+    assert await metric(second, "pullthrough_coalesced_requests_total", kind="blob") == 1
+    await settle(first)
+    await settle(second)
+    assert blob_files(small_disk / "cache") == []
+    assert temp_files(small_disk / "cache") == []
+    # The follower's worker fetched it again for itself: one upstream GET each.
+    assert len(await upstream_blob_gets(upstream, mark, blob)) == 2

@@ -386,3 +386,17 @@ def test_a_hit_between_touch_and_grace_is_not_evicted(layout: Layout) -> None:
     assert result is not None
     assert result.removed == []
     assert path.exists()
+
+
+async def test_pass_through_a_reader_far_ahead_does_not_hold_up_the_writer(
+    layout: Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A reader that resumes mid-blob (its own worker's download was abandoned)
+    # needs nothing before its offset: the writer must not wait for it there.
+    monkeypatch.setattr(blobs, "PASS_THROUGH_BUFFER", 100_000)
+    fail_writes_after(monkeypatch, 0)
+    store = BlobStore(layout)
+    tracker = store.track(DIGEST, Chunks(DATA, 50_000))
+    assert tracker is not None
+    read = read_all(tracker, 1_500_000)
+    assert await asyncio.wait_for(read, timeout=30) == DATA[1_500_000:]

@@ -12,6 +12,8 @@ The whole on-disk layout, in one place::
       tmp/<algorithm>-<hex>.size               the expected size of that download,
                                                written once the upstream has answered
       tmp/<random>.tmp                         a manifest or index file being written
+      tmp/probe-<pid>-<random>.tmp             /readyz's write test, removed at once
+                                               (also when the write failed)
       index/                                   diskcache: (repository, tag, accept) ->
                                                (digest, media type, time fetched)
 
@@ -68,6 +70,9 @@ class Layout:
         except OSError as exc:
             return "full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "not writable"
         return "writable"
+
+    def writable(self) -> bool:
+        return self.probe() == "writable"
 
     def usage(self) -> tuple[int, int, int]:
         """(bytes, blobs, manifests) committed; walks the tree, so not for hot paths."""

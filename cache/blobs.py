@@ -54,8 +54,10 @@ STALE_TMP_SECONDS = 600
 # Pass-through: how far the writer may run ahead of its slowest reader.
 PASS_THROUGH_BUFFER = 8 << 20
 # /proc/self/fd/N opens the very file descriptor N names, even once the file was
-# removed: how a hit is served by path after the blob was evicted.
+# removed: how a hit is served by path after the blob was evicted (Linux; where
+# there is no /proc the path is used, and a hit evicted meanwhile is a 404).
 _PROC_FD = Path("/proc/self/fd")
+_HAVE_PROC_FD = _PROC_FD.is_dir()
 
 
 class State(Enum):
@@ -104,7 +106,7 @@ class OpenBlob:
     @property
     def serve_path(self) -> Path:
         """A path that opens this very file, also after it was evicted (Linux)."""
-        return _PROC_FD / str(self.fd) if _PROC_FD.is_dir() else self.path
+        return _PROC_FD / str(self.fd) if _HAVE_PROC_FD else self.path
 
     def close(self) -> None:
         self._closer()

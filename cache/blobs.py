@@ -9,32 +9,55 @@ other processes poll the file and test the lock to learn the writer has finished
 A reader never gets the last byte of what it asked for before the writer has
 verified the whole blob and committed it, so no client can receive a complete
 response of unverified content: a failed download ends every response short.
+
+When the file cannot be written (a full disk, a quota, an I/O error) the download
+goes on in *pass-through*: with a size cap, space is first freed by eviction and
+the write tried once more; then the partial file is removed, the writer keeps
+hashing, and the bytes from that point on reach this process's readers through a
+bounded buffer in memory (the writer waits for the slowest reader, so memory
+stays bounded; readers still behind read the removed file through the descriptor
+they hold). The last byte is still held back until the digest is verified, and
+nothing is kept. Readers in other processes see the download abandoned and start
+their own (pass-through too, as long as the disk is full). A pass-through
+download nobody reads any more is stopped: there is nothing to keep.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import logging
 import os
 import time
+import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Protocol
+from types import TracebackType
+from typing import Protocol, Self
 
 from cache.digests import Digest
 from cache.errors import DigestMismatch, DownloadFailed, SizeMismatch
 from cache.evict import touch_if_stale
 from cache.layout import Layout, fsync_dir, write_atomic
+from cache.space import WriteFailures
 
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 20
 FOREIGN_POLL_SECONDS = 0.01
 STALE_TMP_SECONDS = 600
+# Pass-through: how far the writer may run ahead of its slowest reader.
+PASS_THROUGH_BUFFER = 8 << 20
+# /proc/self/fd/N opens the very file descriptor N names, even once the file was
+# removed: how a hit is served by path after the blob was evicted (Linux; where
+# there is no /proc the path is used, and a hit evicted meanwhile is a 404).
+_PROC_FD = Path("/proc/self/fd")
+_HAVE_PROC_FD = _PROC_FD.is_dir()
 
 
 class State(Enum):
@@ -50,6 +73,16 @@ DONE = frozenset({State.VERIFIED, State.COMMITTED})
 INLINE_BYTES = 256 * 1024
 
 
+class _Unwanted(DownloadFailed):
+    """A pass-through download nobody reads any more: nothing to finish it for."""
+
+
+class Abandoned(DownloadFailed):
+    """The writer in another process went away without committing: its disk was
+    full (it goes on in pass-through for its own readers only), the bytes were
+    wrong, or it crashed. A reader may go on with a download of its own."""
+
+
 def _lock_is_free(fd: int) -> bool:
     """True when no process holds the writer's exclusive lock on ``fd``'s file."""
     try:
@@ -60,38 +93,84 @@ def _lock_is_free(fd: int) -> bool:
     return True
 
 
-class BlobWriter:
-    """The one writer of a digest: hashes as it writes, commits only verified bytes.
+class OpenBlob:
+    """A committed blob held open: eviction cannot take it from its reader."""
 
-    Its methods block on disk I/O: the store runs small writes on the event loop
-    and large ones, fsync and rename in worker threads.
+    def __init__(self, fd: int, size: int, path: Path) -> None:
+        self.fd = fd
+        self.size = size
+        self.path = path
+        # Closed when the answer is sent, or at the latest when this is dropped.
+        self._closer = weakref.finalize(self, os.close, fd)
+
+    @property
+    def serve_path(self) -> Path:
+        """A path that opens this very file, also after it was evicted (Linux)."""
+        return _PROC_FD / str(self.fd) if _HAVE_PROC_FD else self.path
+
+    def close(self) -> None:
+        self._closer()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class BlobWriter:
+    """The one writer of a digest: hashes everything, stores what the disk takes.
+
+    ``written`` counts the bytes received and hashed, ``stored`` those in the
+    partial file; they part only when a write failed. Its methods block on disk
+    I/O: the store runs small writes on the event loop and large ones, fsync and
+    rename in worker threads.
     """
 
-    def __init__(self, layout: Layout, digest: Digest, fd: int) -> None:
+    def __init__(self, layout: Layout, digest: Digest, fd: int | None) -> None:
         self._layout = layout
         self.digest = digest
-        self._fd = fd
+        self._fd = fd  # None: nothing is being stored
         self._hasher = digest.hasher()
         self.expected_size: int | None = None
         self.written = 0
-        self._closed = False
+        self.stored = 0
+        self._closed = fd is None
 
-    def begin(self, size: int | None) -> None:
+    def announce(self) -> None:
         """Record the size the upstream announced, for readers in other processes."""
-        self.expected_size = size
-        text = "" if size is None else str(size)
+        if self._fd is None:
+            return
+        text = "" if self.expected_size is None else str(self.expected_size)
         # Advisory, for readers in other processes; a crash loses nothing of value.
         write_atomic(
             self._layout.size_file(self.digest), self._layout.tmp, text.encode(), durable=False
         )
 
-    def write(self, chunk: bytes) -> None:
+    def hash(self, chunk: bytes) -> None:
         self._hasher.update(chunk)
-        view = memoryview(chunk)
+        self.written += len(chunk)
+
+    def write(self, chunk: bytes) -> None:
+        """Hash ``chunk`` and append it to the file; on OSError ``stored`` says
+        how much of it got there."""
+        start = self.written
+        self.hash(chunk)
+        self.store_rest(chunk, start)
+
+    def store_rest(self, chunk: bytes, start: int) -> None:
+        """Append what of ``chunk`` (received at offset ``start``) is not stored yet."""
+        assert self._fd is not None
+        view = memoryview(chunk)[self.stored - start :]
         while view:
             n = os.write(self._fd, view)
+            self.stored += n
             view = view[n:]
-        self.written += len(chunk)
 
     def verify(self) -> None:
         """Raise unless every byte came and they hash to the digest."""
@@ -108,6 +187,7 @@ class BlobWriter:
 
     def persist(self) -> Path:
         """fsync, then rename into place: only then can anyone find it."""
+        assert self._fd is not None
         os.fsync(self._fd)
         final = self._layout.blob(self.digest)
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -126,11 +206,13 @@ class BlobWriter:
     def _release(self) -> None:
         self._layout.size_file(self.digest).unlink(missing_ok=True)
         self._closed = True
+        assert self._fd is not None
         # Closing drops the flock: readers elsewhere now see the writer is gone.
         os.close(self._fd)
+        self._fd = None
 
 
-@dataclass
+@dataclass(eq=False)
 class Download:
     """A download this process runs, shared by every reader in this process."""
 
@@ -140,6 +222,16 @@ class Download:
     size_known: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     _progress: asyncio.Event = field(default_factory=asyncio.Event)
+    # Pass-through: the file holds bytes up to ``file_end``; the rest, up to
+    # ``mem_end``, is in ``_buffer`` as (offset, bytes) until every reader had it.
+    passthrough: bool = False
+    file_end: int = 0
+    mem_end: int = 0
+    freed_space: bool = False  # eviction was asked once already
+    _buffer: deque[tuple[int, bytes]] = field(default_factory=deque)
+    _buffered: int = 0
+    _readers: dict[object, int] = field(default_factory=dict)  # reader -> position
+    _room: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def written(self) -> int:
@@ -149,6 +241,10 @@ class Download:
     def size(self) -> int | None:
         return self.writer.expected_size
 
+    def available(self) -> int:
+        """Bytes a reader may have (before the last one is held back)."""
+        return self.mem_end if self.passthrough else self.writer.stored
+
     def notify(self) -> None:
         event, self._progress = self._progress, asyncio.Event()
         event.set()
@@ -156,23 +252,133 @@ class Download:
     def progress_event(self) -> asyncio.Event:
         return self._progress
 
+    # -- pass-through ---------------------------------------------------------------
+
+    def switch_to_memory(self, tail_offset: int, tail: bytes) -> None:
+        """From now on bytes past ``file_end`` are in memory, starting with ``tail``."""
+        self.passthrough = True
+        self.file_end = self.mem_end = self.writer.stored
+        assert tail_offset == self.file_end
+        self._append(tail)
+
+    def _append(self, data: bytes) -> None:
+        if data:
+            self._buffer.append((self.mem_end, data))
+            self._buffered += len(data)
+            self.mem_end += len(data)
+
+    async def push(self, data: bytes) -> None:
+        """Hand ``data`` to the readers; wait while the slowest is too far behind."""
+        self._append(data)
+        self._trim()  # readers that joined further on never need what is before them
+        self.notify()
+        while self._buffered > PASS_THROUGH_BUFFER and self._readers:
+            self._room = asyncio.Event()
+            await self._room.wait()
+
+    def from_memory(self, pos: int, stop: int) -> bytes:
+        for offset, data in self._buffer:
+            if offset <= pos < offset + len(data):
+                return data[pos - offset : min(stop, offset + len(data)) - offset]
+        raise DownloadFailed(f"byte {pos} of {self.writer.digest} is no longer in memory")
+
+    @property
+    def readers(self) -> int:
+        return len(self._readers)
+
+    def advance(self, reader: object, pos: int) -> None:
+        """Where ``reader`` is; bytes every reader has passed leave memory."""
+        self._readers[reader] = pos
+        self._trim()
+
+    def leave(self, reader: object) -> None:
+        if self._readers.pop(reader, None) is None:
+            return
+        self._trim()
+        idle = self.passthrough and not self._readers and self.state is State.RUNNING
+        if idle and self.task is not None:
+            self.task.cancel()  # nothing will be kept and nobody reads: stop fetching
+
+    def _trim(self) -> None:
+        low = min(self._readers.values(), default=self.mem_end)
+        while self._buffer and self._buffer[0][0] + len(self._buffer[0][1]) <= low:
+            self._buffered -= len(self._buffer.popleft()[1])
+        if self._buffered <= PASS_THROUGH_BUFFER:
+            self._room.set()
+
 
 class BlobSink:
     """What a fetch function gets: announce the size, then write chunks."""
 
-    def __init__(self, download: Download) -> None:
+    def __init__(self, store: BlobStore, download: Download) -> None:
+        self._store = store
         self._download = download
 
     async def begin(self, size: int | None) -> None:
-        self._download.writer.begin(size)  # a few bytes, no fsync
-        self._download.size_known.set()
+        download = self._download
+        writer = download.writer
+        writer.expected_size = size
+        try:
+            if not download.passthrough:
+                # A few bytes, no fsync.
+                await self._keep(writer.announce, writer.announce, inline=True, tail=b"")
+        finally:
+            download.size_known.set()
 
     async def write(self, chunk: bytes) -> None:
-        if len(chunk) <= INLINE_BYTES:
-            self._download.writer.write(chunk)
+        download = self._download
+        writer = download.writer
+        inline = len(chunk) <= INLINE_BYTES
+        if download.passthrough:
+            if inline:
+                writer.hash(chunk)
+            else:
+                await asyncio.to_thread(writer.hash, chunk)
+            await download.push(chunk)
+            return
+        start = writer.written
+
+        def tail() -> bytes:
+            return chunk[writer.stored - start :]
+
+        if await self._keep(
+            lambda: writer.write(chunk), lambda: writer.store_rest(chunk, start), inline, tail
+        ):
+            download.notify()
         else:
-            await asyncio.to_thread(self._download.writer.write, chunk)
-        self._download.notify()
+            await download.push(b"")  # the tail is in memory: wait like any write
+
+    async def _keep(
+        self,
+        first: Callable[[], None],
+        again: Callable[[], None],
+        inline: bool,
+        tail: bytes | Callable[[], bytes],
+    ) -> bool:
+        """Run a write; on failure free space once (with a size cap) and retry.
+        False when it gave up: the download is in pass-through from then on."""
+        try:
+            if inline:
+                first()
+            else:
+                await asyncio.to_thread(first)
+            return True
+        except OSError as exc:
+            error = exc
+        download = self._download
+        on_full = self._store.on_full
+        if error.errno == errno.ENOSPC and on_full is not None and not download.freed_space:
+            download.freed_space = True
+            writer = download.writer
+            left = (writer.expected_size or writer.written) - writer.stored
+            if await asyncio.to_thread(on_full, max(left, 1)) > 0:
+                try:
+                    await asyncio.to_thread(again)
+                    return True
+                except OSError as exc:
+                    error = exc
+        await self._store.pass_through(download, error, tail if isinstance(tail, bytes) else tail())
+        return False
 
 
 Fetch = Callable[[BlobSink], Awaitable[None]]
@@ -190,6 +396,9 @@ class Tracker(Protocol):
     def read(self, start: int, end: int | None) -> AsyncIterator[bytes]:
         """Bytes ``start`` to ``end`` (exclusive; None: to the end) as they arrive."""
 
+    def close(self) -> None:
+        """This reader is done (also when it never read): let the download forget it."""
+
 
 class BlobStore:
     def __init__(
@@ -198,10 +407,16 @@ class BlobStore:
         *,
         read_timeout: float = 60.0,
         on_commit: Callable[[], None] = lambda: None,
+        failures: WriteFailures | None = None,
+        on_full: Callable[[int], int] | None = None,
     ) -> None:
+        """``on_full(bytes)`` is called (in a thread) when the disk is full, to
+        free at least that much by eviction; it returns the bytes freed."""
         self.layout = layout
         self._read_timeout = read_timeout
         self._on_commit = on_commit
+        self.failures = failures or WriteFailures()
+        self.on_full = on_full
         self._downloads: dict[Digest, Download] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -222,36 +437,82 @@ class BlobStore:
         touch_if_stale(path, st.st_mtime)
         return path, st.st_size
 
+    def open(self, digest: Digest) -> OpenBlob | None:
+        """The committed blob, held open, its use recorded; None when not cached.
+
+        Opening is the check: eviction between a check and an open cannot happen,
+        and once open the bytes stay readable however long the answer takes.
+        """
+        path = self.layout.blob(digest)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            st = os.fstat(fd)
+            touch_if_stale(fd, st.st_mtime)
+        except BaseException:
+            os.close(fd)
+            raise
+        return OpenBlob(fd, st.st_size, path)
+
     @property
     def active_downloads(self) -> int:
         return len(self._downloads)
 
-    def track(self, digest: Digest, fetch: Fetch) -> Tracker | None:
+    def track(self, digest: Digest, fetch: Fetch, *, committed: bool = False) -> Tracker | None:
         """Follow the download of ``digest``, starting it here if nobody runs one.
 
-        Returns None when the blob is already committed.
+        Returns None when the blob is already committed, or with ``committed`` a
+        tracker that reads the committed file.
         """
         download = self._downloads.get(digest)
         if download is not None:
-            return _LocalTracker(self.layout, digest, download, joined=True)
-        writer = self._claim(digest)
+            fd = _open_current(self.layout, digest)
+            return _LocalTracker(download, fd, joined=True)
+        try:
+            writer = self._claim(digest)
+        except OSError as exc:
+            # Not even an empty file can be made: straight through, from the start.
+            self.failures.record(f"blob {digest}", exc)
+            download = Download(BlobWriter(self.layout, digest, None), passthrough=True)
+            return self._start(download, fetch, fd=None)
         if writer is None:
-            if self.stat(digest) is not None:
+            if self.stat(digest) is not None and not committed:
                 return None
+            # Someone else writes it (or wrote it): follow the file.
             return _ForeignTracker(self.layout, digest, self._read_timeout)
         download = Download(writer)
         self._downloads[digest] = download
+        fd = os.open(self.layout.partial(digest), os.O_RDONLY | os.O_CLOEXEC)
+        return self._start(download, fetch, fd=fd)
+
+    def _start(self, download: Download, fetch: Fetch, fd: int | None) -> Tracker:
+        digest = download.writer.digest
+        tracker = _LocalTracker(download, fd, joined=False)
         task = asyncio.create_task(self._run(download, fetch), name=f"download {digest}")
         download.task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return _LocalTracker(self.layout, digest, download, joined=False)
+        return tracker
+
+    async def pass_through(self, download: Download, error: OSError, tail: bytes) -> None:
+        """The file cannot be written: go on in memory, remove the file, keep nothing."""
+        writer = download.writer
+        download.switch_to_memory(writer.stored, tail)
+        if self._downloads.get(writer.digest) is download:
+            del self._downloads[writer.digest]  # nobody new joins: they start afresh
+        self.failures.record(f"blob {writer.digest}", error)
+        await asyncio.shield(asyncio.to_thread(writer.abort))
+        download.notify()
+        if not download.readers:
+            raise _Unwanted(f"{writer.digest} cannot be kept and nobody is reading it")
 
     async def _run(self, download: Download, fetch: Fetch) -> None:
         writer = download.writer
         try:
             try:
-                await fetch(BlobSink(download))
+                await fetch(BlobSink(self, download))
                 writer.verify()
             except BaseException as exc:
                 try:
@@ -262,23 +523,30 @@ class BlobStore:
                     download.error = exc
                 if not isinstance(exc, Exception):
                     raise
-                log.warning("download of %s failed: %s", writer.digest, exc)
+                if isinstance(exc, _Unwanted):
+                    log.debug("stopped %s", exc)
+                else:
+                    log.warning("download of %s failed: %s", writer.digest, exc)
                 return
             # Verified: readers may have their last byte now; durability (fsync,
             # rename) follows without holding them up, and nothing can find the
             # blob in the cache before it is durable.
             download.state = State.VERIFIED
             download.notify()
+            if download.passthrough:
+                return  # served, and nothing to keep
             try:
                 await asyncio.to_thread(writer.persist)
             except OSError as exc:
-                log.warning("could not keep %s: %s", writer.digest, exc)
+                self.failures.record(f"blob {writer.digest}", exc)
                 await asyncio.to_thread(writer.abort)
                 return
             download.state = State.COMMITTED
+            self.failures.committed()
             self._on_commit()
         finally:
-            self._downloads.pop(writer.digest, None)
+            if self._downloads.get(writer.digest) is download:
+                del self._downloads[writer.digest]
             download.size_known.set()
             download.notify()
 
@@ -411,14 +679,23 @@ async def _follow(
 
 
 class _LocalTracker:
-    """A download this process runs: the writer wakes us after every chunk."""
+    """A download this process runs: the writer wakes us after every chunk.
 
-    def __init__(self, layout: Layout, digest: Digest, download: Download, *, joined: bool) -> None:
+    It holds the partial file open from the start (``fd``; None when the download
+    never had a file), so it can still read what reached the disk once the
+    download switched to pass-through and removed the file.
+    """
+
+    def __init__(self, download: Download, fd: int | None, *, joined: bool) -> None:
         self.joined = joined
-        self._layout = layout
-        self._digest = digest
         self._download = download
-        self._event = download.progress_event()
+        self._fd = fd
+        # A reader pins memory from where it stands: until it says where it
+        # starts, that is the beginning. The key is not the tracker itself, so
+        # that a tracker dropped unread is collected and lets go (the finalizer).
+        self._key = object()
+        download.advance(self._key, 0)
+        self._finalizer = weakref.finalize(self, _let_go, download, self._key, fd)
 
     async def size(self) -> int | None:
         await self._download.size_known.wait()
@@ -426,31 +703,68 @@ class _LocalTracker:
             raise _failure(self._download.error)
         return self._download.size
 
-    def _status(self) -> tuple[State, int]:
-        download = self._download
-        self._event = download.progress_event()
-        if download.state is State.FAILED:
-            raise _failure(download.error)
-        return download.state, download.written
-
-    async def _wait(self) -> None:
-        await self._event.wait()
+    def close(self) -> None:
+        self._finalizer()
 
     async def read(self, start: int, end: int | None) -> AsyncIterator[bytes]:
-        fd = _open_current(self._layout, self._digest)
+        download = self._download
+        pos = start
+        download.advance(self._key, pos)
         try:
-            async for chunk in _follow(
-                fd, start, end, self._download.size, self._status, self._wait
-            ):
-                yield chunk
+            while True:
+                event = download.progress_event()
+                if download.state is State.FAILED:
+                    raise _failure(download.error)
+                have = download.available()
+                target = end if end is not None else download.size
+                if download.state in DONE:
+                    stop = have if target is None else min(target, have)
+                else:
+                    # The last byte waits for the verdict on the whole blob.
+                    stop = min(have, (have if target is None else target) - 1)
+                if pos < stop:
+                    chunk = await self._chunk(pos, stop)
+                    pos += len(chunk)
+                    download.advance(self._key, pos)
+                    yield chunk
+                elif download.state in DONE:
+                    return
+                else:
+                    await event.wait()
         finally:
-            os.close(fd)
+            self.close()
+
+    async def _chunk(self, pos: int, stop: int) -> bytes:
+        download = self._download
+        on_disk = download.file_end if download.passthrough else stop
+        if pos >= on_disk:
+            return download.from_memory(pos, stop)
+        if self._fd is None:
+            raise DownloadFailed(f"{download.writer.digest} has no file to read from")
+        count = min(READ_CHUNK, on_disk - pos, stop - pos)
+        if count <= INLINE_BYTES:
+            chunk = os.pread(self._fd, count, pos)
+        else:
+            chunk = await asyncio.to_thread(os.pread, self._fd, count, pos)
+        if not chunk:
+            raise DownloadFailed("the file being followed was truncated")
+        return chunk
+
+
+def _let_go(download: Download, reader: object, fd: int | None) -> None:
+    """A local reader is done: close its file, release what it pinned."""
+    if fd is not None:
+        os.close(fd)
+    download.leave(reader)
 
 
 class _ForeignTracker:
     """A download another process runs: learn its progress from the file system."""
 
     joined = True
+
+    def close(self) -> None:
+        """Nothing is held before ``read``, which releases what it opens."""
 
     def __init__(self, layout: Layout, digest: Digest, timeout: float) -> None:
         self._layout = layout
@@ -470,7 +784,7 @@ class _ForeignTracker:
                 self._size = self._layout.blob(self._digest).stat().st_size
                 return self._size
             if not self._writer_alive():
-                raise DownloadFailed(f"the download of {self._digest} stopped")
+                raise Abandoned(f"the download of {self._digest} stopped")
             await asyncio.sleep(FOREIGN_POLL_SECONDS)
         raise DownloadFailed(f"no answer for {self._digest} within {self._timeout}s")
 
@@ -503,7 +817,7 @@ class _ForeignTracker:
             written = os.fstat(fd).st_size
             if _same_file(fd, final) and (self._size is None or written == self._size):
                 return State.COMMITTED, written
-            raise DownloadFailed(f"the download of {self._digest} was abandoned")
+            raise Abandoned(f"the download of {self._digest} was abandoned")
 
         async def wait() -> None:
             await asyncio.sleep(FOREIGN_POLL_SECONDS)

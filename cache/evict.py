@@ -1,11 +1,17 @@
 """Keeping the cache under its size and age limits, least recently used first.
 
 Last use is a committed file's mtime: a hit refreshes it (at most every
-``TOUCH_SECONDS``, so a hot blob costs one ``utime`` a minute, not one per
+``TOUCH_SECONDS``, so a hot blob costs one ``utime`` every 20 seconds, not one per
 request). The evictor walks the files, skips protected digests (pinned images)
-and anything committed or used within ``GRACE_SECONDS`` (a request between its
-stat and its open), and removes the oldest until the cache is under the
-low-water mark (90% of the cap).
+and anything committed or used within ``GRACE_SECONDS``, and removes the oldest
+until the cache is under the low-water mark (90% of the cap). ``TOUCH_SECONDS``
+is below ``GRACE_SECONDS``, so a blob in use always looks recently used. A hit
+opens the blob before anything else, so eviction cannot come between a check
+and the open: a hit either has the file open or goes to the upstream.
+
+When a download finds the disk full, the mirror asks for a pass that frees at
+least the bytes it still needs (``free_bytes``), under the same rules, even when
+the cache is under its cap (the disk may be smaller than the cap, or shared).
 
 Removing a file never disturbs a reader that has it open (POSIX keeps the bytes
 until the last descriptor closes), and the mirror re-fetches a missing blob or
@@ -27,13 +33,13 @@ from cache.digests import Digest
 from cache.errors import InvalidDigest
 from cache.layout import Layout
 
-TOUCH_SECONDS = 60.0
+TOUCH_SECONDS = 20.0
 GRACE_SECONDS = 30.0
 LOW_WATER = 0.9
 
 
-def touch_if_stale(path: Path, mtime: float, now: float | None = None) -> None:
-    """Record a use of ``path`` unless one was recorded recently."""
+def touch_if_stale(path: Path | int, mtime: float, now: float | None = None) -> None:
+    """Record a use of ``path`` (or an open descriptor) unless one was recorded recently."""
     now = time.time() if now is None else now
     if now - mtime > TOUCH_SECONDS:
         with contextlib.suppress(FileNotFoundError):
@@ -87,8 +93,11 @@ def evict(
     protected: set[Digest],
     dry_run: bool = False,
     now: float | None = None,
+    free_bytes: int = 0,
 ) -> Eviction | None:
-    """Bring the cache under its limits. None when another process is evicting."""
+    """Bring the cache under its limits, and free at least ``free_bytes``.
+
+    None when another process is evicting."""
     layouts = list(layouts)
     now = time.time() if now is None else now
     lock_path = layouts[0].root / "evict.lock"
@@ -98,7 +107,7 @@ def evict(
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return None
-        return _evict(layouts, max_size, max_age_seconds, protected, dry_run, now)
+        return _evict(layouts, max_size, max_age_seconds, protected, dry_run, now, free_bytes)
     finally:
         os.close(fd)
 
@@ -110,6 +119,7 @@ def _evict(
     protected: set[Digest],
     dry_run: bool,
     now: float,
+    free_bytes: int = 0,
 ) -> Eviction:
     found = list(entries(layouts))
     result = Eviction(total_before=sum(e.size for e in found))
@@ -124,7 +134,8 @@ def _evict(
     for entry in candidates:
         too_old = max_age_seconds is not None and now - entry.last_used > max_age_seconds
         too_big = target is not None and total > target
-        if not (too_old or too_big):
+        short = result.total_before - total < free_bytes
+        if not (too_old or too_big or short):
             continue
         if not dry_run and not _remove_if_unused(entry, now):
             continue

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import diskcache
+
+from cache.space import WriteFailures
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,8 +43,18 @@ class TagIndex:
     worker thread.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, failures: WriteFailures | None = None) -> None:
         self._cache = diskcache.Cache(str(directory))
+        self._failures = failures or WriteFailures()
+
+    def _set_or_forget(self, key: str, value: object) -> None:
+        """Record ``key``, unless the disk cannot take it (full, failing): then the
+        answer is still given, and the upstream is asked again next time."""
+        try:
+            self._cache.set(key, value)
+        except (sqlite3.OperationalError, OSError) as exc:
+            repository = key.split("\0")[2]
+            self._failures.record(f"the tag index entry for {repository}", exc)
 
     @staticmethod
     def _key(upstream: str, repository: str, tag: str, accept: str) -> str:
@@ -59,7 +72,7 @@ class TagIndex:
     ) -> None:
         value = (entry.digest, entry.media_type, entry.fetched_at)
         await asyncio.to_thread(
-            self._cache.set, self._key(upstream, repository, tag, accept), value
+            self._set_or_forget, self._key(upstream, repository, tag, accept), value
         )
 
     async def get_listing(self, upstream: str, repository: str, query: str) -> Listing | None:
@@ -74,7 +87,7 @@ class TagIndex:
     ) -> None:
         value = (listing.body, listing.link, listing.fetched_at)
         key = f"list\0{upstream}\0{repository}\0{query}"
-        await asyncio.to_thread(self._cache.set, key, value)
+        await asyncio.to_thread(self._set_or_forget, key, value)
 
     # -- blocking access, for the command line and background jobs ---------------
 

@@ -13,6 +13,8 @@ The whole on-disk layout, in one place::
                                                written once the upstream has answered
       tmp/<random>.tmp                         a manifest or index file being written
       tmp/import-<random>/                     an import's staging folder, locked by it
+      tmp/probe-<pid>-<random>.tmp             /readyz's write test, removed at once
+                                               (also when the write failed)
       index/                                   diskcache: (upstream name, repository,
                                                tag, accept) -> (digest, media type,
                                                time fetched); pins
@@ -39,6 +41,7 @@ path outside the root.
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,15 +88,22 @@ class Layout:
     def size_file(self, digest: Digest) -> Path:
         return self.tmp / f"{digest.algorithm}-{digest.hex}.size"
 
-    def writable(self) -> bool:
-        """Can we create, write and remove a file where downloads are written?"""
+    def probe(self) -> str:
+        """ "writable", "full" (no space or quota left) or "not writable": can we
+        create, write and remove a file where downloads are written? The probe
+        file is removed whatever happens, also when writing it failed."""
         probe = self.tmp / f"probe-{os.getpid()}-{os.urandom(4).hex()}.tmp"
         try:
-            probe.write_bytes(b"ok")
-            probe.unlink()
-        except OSError:
-            return False
-        return True
+            try:
+                probe.write_bytes(b"ok")
+            finally:
+                probe.unlink(missing_ok=True)
+        except OSError as exc:
+            return "full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "not writable"
+        return "writable"
+
+    def writable(self) -> bool:
+        return self.probe() == "writable"
 
     def usage(self) -> tuple[int, int, int]:
         """(bytes, blobs, manifests) committed; walks the tree, so not for hot paths."""

@@ -22,6 +22,7 @@ from cache.errors import DigestMismatch
 from cache.evict import TOUCH_SECONDS, touch_if_stale
 from cache.layout import Layout, write_atomic
 from cache.quarantine import Corrupt, quarantine, report
+from cache.space import WriteFailures
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,9 +54,11 @@ class ManifestStore:
         *,
         memory_bytes: int = MEMORY_BYTES,
         on_corrupt: Callable[[], None] = lambda: None,
+        failures: WriteFailures | None = None,
     ) -> None:
         self.layout = layout
         self._on_corrupt = on_corrupt
+        self.failures = failures or WriteFailures()
         self._memory: LRUCache[Digest, StoredManifest] = LRUCache(
             maxsize=memory_bytes, getsizeof=lambda m: len(m.data) + 256
         )
@@ -117,8 +120,15 @@ class ManifestStore:
         return found
 
     async def put(self, manifest: StoredManifest) -> None:
-        """Store a manifest after checking its bytes hash to its digest."""
-        await asyncio.to_thread(self.write, manifest)
+        """Store a manifest after checking its bytes hash to its digest.
+
+        One the disk cannot take (full, read-only, failing) is still kept in
+        memory, so it is answered now and from memory later; never half-written.
+        """
+        try:
+            await asyncio.to_thread(self.write, manifest)
+        except OSError as exc:
+            self.failures.record(f"manifest {manifest.digest}", exc)
         self._remember(manifest)
 
     def _remember(self, manifest: StoredManifest) -> None:

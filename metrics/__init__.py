@@ -170,6 +170,13 @@ class Metrics:
             ["kind"],
             registry=self.registry,
         )
+        self.cache_write_failures = Counter(
+            "pullthrough_cache_write_failures",
+            "Blobs and manifests served but not kept because the cache could not be "
+            "written, by reason (no_space, quota, io, read_only, permission, other)",
+            ["reason"],
+            registry=self.registry,
+        )
 
     def watch_cache(self, measure: Callable[[], CacheUsage]) -> None:
         """Report the cache's size, measured by ``measure`` when scraped."""

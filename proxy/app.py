@@ -20,6 +20,7 @@ from cache.index import TagIndex
 from cache.layout import Layout
 from cache.manifests import ManifestStore
 from cache.scrub import Scrubber
+from cache.space import WriteFailures
 from cache.stores import KnownUpstream
 from metrics import CacheUsage, Metrics
 from proxy.config import Settings, UpstreamSettings
@@ -115,19 +116,30 @@ async def open_mirrors(settings: Settings, metrics: Metrics) -> AsyncIterator[Re
     distinct = list({layout.root: layout for layout in by_upstream.values()}.values())
     for layout in distinct:
         layout.create()
-    tags = TagIndex(index_dir(settings))
+
+    def count_failure(reason: str) -> None:
+        metrics.cache_write_failures.labels(reason).inc()
+
+    tags = TagIndex(index_dir(settings), WriteFailures(count_failure))
     moved = await asyncio.to_thread(rekey_tags, tags, known_upstreams(settings))
     if moved:
         log.info("moved %d tag entries from upstream URLs to upstream names", moved)
     housekeeper = Housekeeper(settings, by_upstream, tags, metrics)
     stores: dict[Layout, tuple[BlobStore, ManifestStore]] = {}
     for layout in distinct:
-        blobs = BlobStore(layout, read_timeout=settings.read_timeout, on_commit=housekeeper.poke)
+        failures = WriteFailures(count_failure)
+        blobs = BlobStore(
+            layout,
+            read_timeout=settings.read_timeout,
+            on_commit=housekeeper.poke,
+            failures=failures,
+            on_full=housekeeper.free_space if settings.max_size is not None else None,
+        )
         removed = blobs.remove_stale() + remove_abandoned_imports(layout)
         if removed:
             log.info("removed %d temp files left by an earlier run in %s", removed, layout.root)
         corrupt = metrics.corrupt_objects.labels("manifest").inc
-        stores[layout] = (blobs, ManifestStore(layout, on_corrupt=corrupt))
+        stores[layout] = (blobs, ManifestStore(layout, on_corrupt=corrupt, failures=failures))
     session = new_session(settings)
     redirect_session = new_redirect_session(settings)
     options = UpstreamOptions.from_settings(settings)

@@ -143,15 +143,79 @@ def error_response(err: RegistryError, method: str) -> web.Response:
     )
 
 
+class InternalError(RegistryError):
+    code, status, message = "UNKNOWN", 500, "internal error; the mirror logged the details"
+
+
+# OCI codes for aiohttp's own HTTP errors (unknown path, method, body too large...).
+_HTTP_CODES = {
+    401: "UNAUTHORIZED",
+    403: "DENIED",
+    404: "NOT_FOUND",
+    405: "UNSUPPORTED",
+    413: "SIZE_INVALID",
+    416: "RANGE_INVALID",
+    429: "TOOMANYREQUESTS",
+}
+# Headers of aiohttp's own answer that describe its text body, not ours.
+_BODY_HEADERS = frozenset({"content-type", "content-length", "content-encoding"})
+# What the access log shows for a request whose client was gone (nginx's code).
+CLIENT_GONE = 499
+
+
+def from_http_exception(exc: web.HTTPException, request: web.Request) -> RegistryError:
+    """aiohttp's HTTPException (routing, limits) as an OCI error, headers kept."""
+    headers = {k: v for k, v in exc.headers.items() if k.lower() not in _BODY_HEADERS}
+    if exc.status == 405:
+        return Unsupported(f"{request.method} {request.path}", headers=headers)
+    if exc.status == 404:
+        return NotFound(request.path, headers=headers)
+    err = RegistryError(exc.text or None, headers=headers)
+    err.code = _HTTP_CODES.get(exc.status, "UNKNOWN")
+    err.status = exc.status
+    err.message = exc.reason.lower()
+    return err
+
+
+def _nobody_listening(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def _answered_already(request: web.Request) -> bool:
+    writer = request.writer
+    return writer is not None and writer.output_size > 0
+
+
 @web.middleware
 async def oci_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error as an OCI error body: ours, the cache's, aiohttp's, and the
+    unexpected (a 500 ``UNKNOWN``, logged once with its traceback)."""
     try:
         return await handler(request)
     except RegistryError as err:
         return error_response(err, request.method)
     except CacheError as exc:
         return error_response(from_cache_error(exc), request.method)
-    except web.HTTPMethodNotAllowed:
-        return error_response(Unsupported(f"{request.method} {request.path}"), request.method)
-    except web.HTTPNotFound:
-        return error_response(NotFound(request.path), request.method)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise  # redirects and 304s are answers, not errors
+        return error_response(from_http_exception(exc, request), request.method)
+    except ConnectionError as exc:
+        if not _nobody_listening(request):
+            return _unexpected(request, exc)
+        # The client went away mid-answer: nobody to tell, nothing went wrong here.
+        log.debug("client left during %s %s: %s", request.method, request.path, exc)
+        return web.Response(status=CLIENT_GONE)
+    except Exception as exc:
+        return _unexpected(request, exc)
+
+
+def _unexpected(request: web.Request, exc: Exception) -> web.Response:
+    log.error("unexpected error answering %s %s", request.method, request.path, exc_info=exc)
+    if _answered_already(request):
+        # Part of an answer is out: cut it short, the only signal left.
+        if request.transport is not None:
+            request.transport.abort()
+        return web.Response(status=CLIENT_GONE)
+    return error_response(InternalError(), request.method)

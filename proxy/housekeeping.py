@@ -122,7 +122,7 @@ class Housekeeper:
                 keep.update(walked.missing_manifests)
         return keep
 
-    def run_once(self, *, dry_run: bool = False) -> Eviction | None:
+    def run_once(self, *, dry_run: bool = False, free_bytes: int = 0) -> Eviction | None:
         """One eviction pass (blocking). None when another process is at it."""
         max_age = self.settings.max_age_days
         result = evict(
@@ -131,6 +131,7 @@ class Housekeeper:
             max_age_seconds=None if max_age is None else max_age * DAY,
             protected=self.protected(),
             dry_run=dry_run,
+            free_bytes=free_bytes,
         )
         if result is not None and not dry_run and self.metrics is not None:
             for entry in result.removed:
@@ -144,6 +145,23 @@ class Housekeeper:
                 result.total_after,
             )
         return result
+
+    def free_space(self, need: int) -> int:
+        """The disk is full and a download needs ``need`` more bytes: evict, least
+        recently used first under the usual rules (pins, grace), until that much
+        is freed. Blocking; returns the bytes freed.
+
+        Only with a size cap: without one nothing was meant to be removed, and the
+        download goes on without being kept.
+        """
+        if self.settings.max_size is None:
+            return 0
+        try:
+            result = self.run_once(free_bytes=need)
+        except OSError as exc:
+            log.warning("eviction to free space failed: %s", exc)
+            return 0
+        return 0 if result is None else result.freed
 
     def poke(self) -> None:
         """Something was committed: check the limits soon."""

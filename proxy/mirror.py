@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 from aiocache import SimpleMemoryCache
 
-from cache.blobs import BlobSink, BlobStore, Tracker
+from cache.blobs import BlobSink, BlobStore, OpenBlob, Tracker
 from cache.digests import Digest
 from cache.errors import DigestMismatch
 from cache.index import Listing, TagEntry, TagIndex
@@ -350,8 +350,12 @@ class Mirror:
             self._probe = (now, state)
         return self._probe[1]
 
-    async def cache_writable(self) -> bool:
-        return await asyncio.to_thread(self.blobs.layout.writable)
+    async def cache_state(self) -> str:
+        """ "writable", "full" (no space: served, not kept) or "not writable"."""
+        state = await asyncio.to_thread(self.blobs.layout.probe)
+        if state == "writable" and self.blobs.failures.full:
+            return "full"  # a blob did not fit since the last one that did
+        return state
 
     # -- tag listings -------------------------------------------------------------
 
@@ -388,8 +392,16 @@ class Mirror:
     def blob_hit(self, digest: Digest) -> tuple[Path, int] | None:
         return self.blobs.hit(digest)
 
-    def blob_download(self, repository: str, digest: Digest) -> Tracker | None:
-        """Follow the upstream download of ``digest``, starting one if none runs."""
+    def blob_open(self, digest: Digest) -> OpenBlob | None:
+        """The cached blob held open (eviction cannot take it now), or None."""
+        return self.blobs.open(digest)
+
+    def blob_download(
+        self, repository: str, digest: Digest, *, committed: bool = False
+    ) -> Tracker | None:
+        """Follow the upstream download of ``digest``, starting one if none runs.
+
+        None when it is cached, unless ``committed``: then a tracker reading it."""
         if self.offline:
             raise BlobUnknown(f"{digest} is not cached (offline mode)")
 
@@ -406,7 +418,7 @@ class Mirror:
             finally:
                 self.metrics.downloads_in_flight.dec()
 
-        return self.blobs.track(digest, fetch)
+        return self.blobs.track(digest, fetch, committed=committed)
 
     async def blob_head(self, repository: str, digest: Digest) -> BlobHead:
         hit = self.blobs.stat(digest)

@@ -8,8 +8,9 @@ import re
 import time
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
-from cache.blobs import Tracker
+from cache.blobs import Abandoned, OpenBlob, Tracker
 from cache.digests import Digest
 from cache.errors import DownloadFailed
 from proxy import names
@@ -169,29 +170,53 @@ async def blob(
             headers["Content-Length"] = str(head.size)
         return web.Response(headers=headers)
     for attempt in range(1, FOLLOW_ATTEMPTS + 1):
-        hit = mirror.blob_hit(digest)
+        hit = mirror.blob_open(digest)
         if hit is not None:
             request[SOURCE] = "cache"
-            # sendfile, Range and conditional requests come with FileResponse.
-            return web.FileResponse(hit[0], headers=_blob_headers(digest))
+            return _HeldFileResponse(hit, headers=_blob_headers(digest))
+        # Not cached (or evicted just now): from the upstream.
         tracker = mirror.blob_download(repository, digest)
         if tracker is None:
             continue  # committed in the meantime
         try:
-            size = await tracker.size()
-        except DownloadFailed:
-            if attempt == FOLLOW_ATTEMPTS:
-                raise
-            continue
-        request[SOURCE] = "upstream"
-        if tracker.joined:
-            request.app[METRICS].coalesced.labels("blob").inc()
-        return await _stream(request, digest, tracker, size)
+            try:
+                size = await tracker.size()
+            except DownloadFailed:
+                if attempt == FOLLOW_ATTEMPTS:
+                    raise
+                continue
+            request[SOURCE] = "upstream"
+            if tracker.joined:
+                request.app[METRICS].coalesced.labels("blob").inc()
+            return await _stream(request, mirror, repository, digest, tracker, size)
+        finally:
+            tracker.close()
     raise DownloadFailed(f"could not follow the download of {digest}")
 
 
+class _HeldFileResponse(web.FileResponse):
+    """A cached blob sent from the descriptor opened at the hit: an eviction in
+    the meantime cannot take the file away. sendfile, Range and conditional
+    requests come with FileResponse; the descriptor is closed once it is sent."""
+
+    def __init__(self, blob: OpenBlob, headers: dict[str, str]) -> None:
+        super().__init__(blob.serve_path, headers=headers)
+        self._blob = blob
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        try:
+            return await super().prepare(request)
+        finally:
+            self._blob.close()
+
+
 async def _stream(
-    request: web.Request, digest: Digest, tracker: Tracker, size: int | None
+    request: web.Request,
+    mirror: Mirror,
+    repository: str,
+    digest: Digest,
+    tracker: Tracker,
+    size: int | None,
 ) -> web.StreamResponse:
     """Send a blob while it downloads; a failed download ends the response short."""
     start, stop = 0, size
@@ -203,17 +228,40 @@ async def _stream(
     if stop is not None:
         response.content_length = stop - start
     await response.prepare(request)
+    pos = start
     try:
-        async for chunk in tracker.read(start, stop):
-            await response.write(chunk)
+        for attempt in range(1, FOLLOW_ATTEMPTS + 1):
+            try:
+                async for chunk in tracker.read(pos, stop):
+                    await response.write(chunk)
+                    pos += len(chunk)
+                break
+            except Abandoned:
+                # The worker whose download we followed gave it up (its disk
+                # full, or it died): go on from here with one of our own. What
+                # was sent stays valid: the last byte still waits for a digest.
+                if attempt == FOLLOW_ATTEMPTS:
+                    raise
+                tracker.close()
+                tracker = _must(mirror.blob_download(repository, digest, committed=True))
+                await tracker.size()
+    except ConnectionError:
+        raise  # the client went away
     except Exception as exc:
         # Headers are gone already: the only honest signal left is a short body.
         log.warning("aborting response for %s: %s", digest, exc)
         if request.transport is not None:
             request.transport.abort()
         raise ConnectionResetError(str(exc)) from exc
+    finally:
+        tracker.close()
     await response.write_eof()
     return response
+
+
+def _must(tracker: Tracker | None) -> Tracker:
+    assert tracker is not None  # asked with committed=True
+    return tracker
 
 
 def _byte_range(request: web.Request, size: int) -> tuple[int, int]:
@@ -246,20 +294,28 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when the cache is writable. The upstream is reported, not required:
-    a mirror serving its cache while the upstream is down is doing its job."""
+    """Ready unless the cache cannot be written at all. A full cache is reported
+    ("full") but ready: it serves what it has and passes the rest through. The
+    upstream is reported, not required: a mirror serving its cache while the
+    upstream is down is doing its job."""
     registry = request.app[MIRRORS]
     mirrors = list(registry)
-    writable = all(await asyncio.gather(*(m.cache_writable() for m in mirrors)))
+    caches = await asyncio.gather(*(m.cache_state() for m in mirrors))
     states = await asyncio.gather(*(m.upstream_state() for m in mirrors))
+    cache = max(caches, key=_CACHE_STATES.index)
+    ready = cache != "not writable"
     body: dict[str, object] = {
-        "status": "ready" if writable else "not ready",
-        "cache": "writable" if writable else "not writable",
+        "status": "ready" if ready else "not ready",
+        "cache": cache,
         "upstream": states[0],
     }
     if len(mirrors) > 1:
         body["upstreams"] = {m.name: state for m, state in zip(mirrors, states, strict=True)}
-    return web.json_response(body, status=200 if writable else 503)
+    return web.json_response(body, status=200 if ready else 503)
+
+
+# Cache states, best first: readyz reports the worst of all cache roots.
+_CACHE_STATES = ("writable", "full", "not writable")
 
 
 def add_routes(app: web.Application) -> None:

@@ -138,6 +138,11 @@ class ManifestStore:
         self._touched.setdefault(manifest.digest, time.time())
 
 
+def is_media_type(value: str) -> bool:
+    """True for an RFC 6838 ``type/subtype`` that a manifest record can hold."""
+    return value.isascii() and _MEDIA_TYPE.fullmatch(value.encode()) is not None
+
+
 def _damage(digest: Digest, media_type: bytes, newline: bytes, data: bytes) -> str | None:
     """What is wrong with a manifest record read from disk, or None.
 

@@ -22,7 +22,7 @@ from cache.digests import Digest
 from cache.errors import DigestMismatch
 from cache.index import Listing, TagEntry, TagIndex
 from cache.inflight import SingleFlight
-from cache.manifests import ManifestStore, StoredManifest
+from cache.manifests import ManifestStore, StoredManifest, is_media_type
 from metrics import Metrics
 from proxy.config import DOCKER_HUB_ALIASES
 from proxy.errors import (
@@ -53,8 +53,15 @@ DOCKER_V1 = "application/vnd.docker.distribution.manifest.v1+json"
 
 
 def manifest_media_type(content_type: str | None, data: bytes) -> str:
-    """The manifest's own media type: the upstream's header, else what the JSON says."""
+    """The manifest's own media type: the upstream's header, else what the JSON says.
+
+    Only a well-formed ``type/subtype`` is taken: the store checks that shape on
+    every read, and a value it would reject would make the manifest look damaged
+    (and fetched again) every time.
+    """
     declared = (content_type or "").split(";")[0].strip()
+    if not is_media_type(declared):
+        declared = ""
     if declared and declared not in ("application/json", "text/plain", "application/octet-stream"):
         return declared
     try:
@@ -63,7 +70,7 @@ def manifest_media_type(content_type: str | None, data: bytes) -> str:
         return declared or "application/octet-stream"
     if isinstance(doc, dict):
         media_type = doc.get("mediaType")
-        if isinstance(media_type, str) and media_type:
+        if isinstance(media_type, str) and is_media_type(media_type):
             return media_type
         if doc.get("schemaVersion") == 1:
             return DOCKER_V1_SIGNED if "signatures" in doc else DOCKER_V1

@@ -65,6 +65,7 @@ from cache.errors import CacheError, InvalidDigest
 from cache.graph import blobs, children, closure, platform_wanted
 from cache.layout import Layout, fsync_dir
 from cache.manifests import ManifestStore, StoredManifest
+from cache.quarantine import Corrupt, quarantine, report
 
 REF_NAME = "org.opencontainers.image.ref.name"
 #: On an index.json descriptor: the image was exported for these platforms only
@@ -189,13 +190,15 @@ class _Counting:
     """A readable file that reports what is read from it, a MiB at a time
     (tarfile reads 16 KiB at a time and only ever calls read)."""
 
-    def __init__(self, f: IO[bytes], meter: _Meter) -> None:
+    def __init__(self, f: IO[bytes], meter: _Meter, digest: Digest) -> None:
         self._f = f
         self._meter = meter
         self._pending = 0
+        self.hasher = digest.hasher()
 
     def read(self, size: int = -1) -> bytes:
         data = self._f.read(size)
+        self.hasher.update(data)
         self._pending += len(data)
         if self._pending >= CHUNK:
             self.flush()
@@ -360,21 +363,36 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
 def _add_blob(
     tar: tarfile.TarFile, layout: Layout, digest: Digest, size: int, owner: str, meter: _Meter
 ) -> int:
-    """Stream one blob from the cache into the tar; returns its size."""
+    """Stream one blob from the cache into the tar, hashing it; returns its size.
+
+    Blobs were verified when downloaded, but a disk can rot since: an archive
+    must never carry bytes that fail their digest (the importer would refuse the
+    whole archive, maybe far away and much later).
+    """
+    path = layout.blob(digest)
     try:
-        f = layout.blob(digest).open("rb")
+        f = path.open("rb")
     except FileNotFoundError:
         raise ArchiveError(
             f"blob {digest} of {owner} left the cache while it was being exported "
             "(evicted?); pin the image or retry"
         ) from None
     with f:
-        actual = os.fstat(f.fileno()).st_size
-        if actual != size:
+        st = os.fstat(f.fileno())
+        if st.st_size != size:
             raise ArchiveError(f"blob {digest} of {owner} changed while it was being exported")
-        counting = _Counting(f, meter)
+        counting = _Counting(f, meter, digest)
         tar.addfile(_tarinfo(_blob_name(digest), size), counting)
         counting.flush()
+    actual = f"{digest.algorithm}:{counting.hasher.hexdigest()}"
+    if actual != str(digest):
+        moved = quarantine(layout, "blob", digest, path, st.st_ino)
+        found = Corrupt("blob", digest, f"content hashes to {actual}", moved)
+        report(found)
+        raise ArchiveError(
+            f"blob {digest} of {owner} is corrupt in the cache ({found.detail}); it was "
+            f"moved to quarantine: `pullthrough warm {owner}` fetches it again"
+        )
     return size
 
 

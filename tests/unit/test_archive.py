@@ -316,6 +316,23 @@ def test_a_failed_export_leaves_no_partial_file(source: Layout, tmp_path: Path) 
     assert not (tmp_path / "out.tar.partial").exists()
 
 
+def test_a_rotten_blob_is_never_exported(source: Layout, tmp_path: Path) -> None:
+    """A byte flipped on disk since the download: no archive, the blob quarantined."""
+    alpine = image(ALPINE)
+    digest = Digest.parse(alpine.layers_of(alpine.for_platform("linux/amd64"))[-1].digest)
+    path = source.blob(digest)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    out = tmp_path / "out.tar"
+    with pytest.raises(ArchiveError, match=f"blob {digest} .* is corrupt in the cache"):
+        export_archive(out, [ExportImage(ALPINE_REF, stored(alpine.top))], source)
+    assert not out.exists()
+    assert not (tmp_path / "out.tar.partial").exists()
+    assert not path.exists()
+    assert source.quarantined("blob", digest).read_bytes() == bytes(data)
+
+
 def test_an_unwritable_destination_is_an_archive_error(source: Layout, tmp_path: Path) -> None:
     with pytest.raises(ArchiveError, match="cannot write"):
         export_archive(

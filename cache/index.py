@@ -33,15 +33,34 @@ class Listing:
         return (time.time() if now is None else now) - self.fetched_at
 
 
+# Tag entries and pins are never evicted by diskcache itself (its default is to drop
+# the least recently stored entries past 1 GiB, silently, pins included). Their key
+# space is bounded instead: (upstream, repository, tag) of manifests the upstream
+# really served, times the few Accept sets the mirror tells apart (proxy/mirror.py).
+# The size limit is then only a ceiling on SQLite's own bookkeeping, never reached.
+ENTRIES_SIZE_LIMIT = 1 << 62
+# Tag list pages are keyed by what clients ask for (?n=&last=): a cache, not a record,
+# so least recently stored pages go first beyond this.
+LISTINGS_SIZE_LIMIT = 64 << 20
+
+
 class TagIndex:
     """diskcache (SQLite) underneath: safe across worker processes.
 
-    diskcache is synchronous and may wait on SQLite's lock, so every call goes to a
-    worker thread.
+    ``<directory>`` holds tag entries and pins, ``<directory>/listings`` tag list
+    pages. diskcache is synchronous and may wait on SQLite's lock, so every call
+    from the server goes to a worker thread.
     """
 
     def __init__(self, directory: Path) -> None:
-        self._cache = diskcache.Cache(str(directory))
+        self._cache = diskcache.Cache(
+            str(directory), eviction_policy="none", size_limit=ENTRIES_SIZE_LIMIT
+        )
+        self._listings = diskcache.Cache(
+            str(directory / "listings"),
+            eviction_policy="least-recently-stored",
+            size_limit=LISTINGS_SIZE_LIMIT,
+        )
 
     @staticmethod
     def _key(upstream: str, repository: str, tag: str, accept: str) -> str:
@@ -63,7 +82,8 @@ class TagIndex:
         )
 
     async def get_listing(self, upstream: str, repository: str, query: str) -> Listing | None:
-        raw = await asyncio.to_thread(self._cache.get, f"list\0{upstream}\0{repository}\0{query}")
+        key = f"list\0{upstream}\0{repository}\0{query}"
+        raw = await asyncio.to_thread(self._listings.get, key)
         if not isinstance(raw, tuple) or len(raw) != 3:
             return None
         body, link, fetched_at = raw
@@ -74,7 +94,7 @@ class TagIndex:
     ) -> None:
         value = (listing.body, listing.link, listing.fetched_at)
         key = f"list\0{upstream}\0{repository}\0{query}"
-        await asyncio.to_thread(self._cache.set, key, value)
+        await asyncio.to_thread(self._listings.set, key, value)
 
     # -- blocking access, for the command line and background jobs ---------------
 
@@ -108,5 +128,10 @@ class TagIndex:
     def set_pins(self, pins: set[str]) -> None:
         self._cache.set("pins", tuple(sorted(pins)))
 
+    def volume(self) -> int:
+        """Bytes the index takes on disk (SQLite and value files), both parts."""
+        return int(self._cache.volume()) + int(self._listings.volume())
+
     def close(self) -> None:
         self._cache.close()
+        self._listings.close()

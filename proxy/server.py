@@ -59,8 +59,10 @@ MAX_LINE = 8190
 # How much of a parser's complaint is logged.
 MAX_REASON = 200
 # Refused connections lingering to deliver their 503 before closing.
-MAX_REFUSING = 256
-REFUSE_LINGER_SECONDS = 1.0
+MAX_REFUSING = 128
+# Connections accepted per wake-up of the listening socket.
+ACCEPT_BATCH = 64
+REFUSE_LINGER_SECONDS = 0.5
 # Worker supervision: restart after 0.1 s, doubling per recent crash up to 5 s;
 # more than CRASH_LIMIT deaths within CRASH_WINDOW seconds stop the server.
 RESTART_DELAY = 0.1
@@ -125,7 +127,7 @@ def raise_fd_limit() -> int:
 
 def connection_cap(settings: Settings, open_files: int) -> int:
     """max_connections, lowered to what the open-file limit can serve."""
-    fits = max((open_files - FD_RESERVE) // 2, 16)
+    fits = max((open_files - FD_RESERVE - MAX_REFUSING) // 2, 16)
     if settings.max_connections > fits:
         log.warning(
             "max_connections %d is more than %d open files allow: using %d",
@@ -205,11 +207,29 @@ class Limits:
 
 @dataclass
 class Connections:
-    """The connections one worker holds, to cap them."""
+    """The connections one worker holds, to cap them.
+
+    ``live`` are served, ``refusing`` are being answered 503, ``pending`` were
+    accepted and wait for their protocol. Sites stop accepting while all of them
+    together reach ``ceiling``, so descriptors never run out in ``accept``.
+    """
 
     limits: Limits
     live: set[asyncio.Protocol] = field(default_factory=set)
     refusing: int = 0
+    pending: int = 0
+    on_release: list[Callable[[], None]] = field(default_factory=list)
+
+    @property
+    def ceiling(self) -> int:
+        return self.limits.max_connections + MAX_REFUSING
+
+    def full(self) -> bool:
+        return len(self.live) + self.refusing + self.pending >= self.ceiling
+
+    def release(self) -> None:
+        for callback in self.on_release:
+            callback()
 
 
 class GuardedHandler(web.RequestHandler):
@@ -240,6 +260,7 @@ class GuardedHandler(web.RequestHandler):
         self._connections.live.discard(self)
         self._disarm_deadline()
         super().connection_lost(exc)
+        self._connections.release()
 
     def data_received(self, data: bytes) -> None:
         while data:
@@ -359,12 +380,16 @@ class Refusal(asyncio.Protocol):
             self._connections.limits.max_connections,
             peer[0] if isinstance(peer, tuple) else peer,
         )
-        transport.write(raw_response(TooManyConnections(), "Retry-After: 1\r\n"))
-        if self._connections.refusing >= MAX_REFUSING:
-            transport.close()
+        try:
+            transport.write(raw_response(TooManyConnections(), "Retry-After: 1\r\n"))
+            if self._connections.refusing >= MAX_REFUSING:
+                transport.close()
+                return
+            transport.write_eof()
+        except OSError:  # the client is gone already
+            transport.abort()
             return
         self._connections.refusing += 1
-        transport.write_eof()
         self._timer = asyncio.get_running_loop().call_later(REFUSE_LINGER_SECONDS, transport.close)
 
     def data_received(self, data: bytes) -> None:
@@ -377,20 +402,33 @@ class Refusal(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._connections.refusing -= 1
+        self._connections.release()
 
 
 class GuardedSite(web.BaseSite):
-    """A listening socket made elsewhere, served through the guarded handlers."""
+    """A listening socket made elsewhere, served through the guarded handlers.
+
+    It accepts connections itself instead of through ``loop.create_server``:
+    asyncio accepts up to a backlog's worth of connections before it creates a
+    single protocol, so a burst could exhaust descriptors before any cap applied.
+    Here each accept is counted first, and accepting pauses while the worker is
+    full (clients then wait in the kernel's backlog) or out of descriptors.
+    """
 
     def __init__(
         self,
         runner: web.BaseRunner,
         sock: socket.socket,
         factory: Callable[[], asyncio.Protocol],
+        connections: Connections,
     ) -> None:
         super().__init__(runner, backlog=BACKLOG)
         self._sock = sock
         self._factory = factory
+        self._connections = connections
+        self._accepting = False
+        self._stopped = False
+        self._tasks: set[asyncio.Task[None]] = set()
         host, port = sock.getsockname()[:2]
         self._name = f"http://{host}:{port}"
 
@@ -400,10 +438,58 @@ class GuardedSite(web.BaseSite):
 
     async def start(self) -> None:
         await super().start()
+        self._connections.on_release.append(self._resume)
+        self._resume()
+
+    async def stop(self) -> None:
+        self._stopped = True
+        self._pause()
+        self._connections.on_release.remove(self._resume)
+        await super().stop()
+
+    def _resume(self) -> None:
+        if not self._accepting and not self._stopped and not self._connections.full():
+            asyncio.get_running_loop().add_reader(self._sock.fileno(), self._accept)
+            self._accepting = True
+
+    def _pause(self) -> None:
+        if self._accepting:
+            asyncio.get_running_loop().remove_reader(self._sock.fileno())
+            self._accepting = False
+
+    def _accept(self) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            self._factory, sock=self._sock, backlog=self._backlog
-        )
+        for _ in range(ACCEPT_BATCH):
+            if self._connections.full():
+                self._pause()  # resumed when a connection ends
+                return
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                # Out of descriptors or memory after all (other files, other
+                # processes): wait a second instead of spinning on the error.
+                log.warning("cannot accept connections: %s", exc.strerror or exc)
+                self._pause()
+                loop.call_later(1.0, self._resume)
+                return
+            conn.setblocking(False)
+            if conn.family in (socket.AF_INET, socket.AF_INET6):
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._connections.pending += 1
+            task = loop.create_task(self._serve(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(self._factory, conn)
+        except OSError:
+            conn.close()
+        finally:
+            self._connections.pending -= 1
+            self._connections.release()
 
 
 def protocol_factory(
@@ -423,7 +509,11 @@ def protocol_factory(
     def factory() -> asyncio.Protocol:
         if len(connections.live) >= connections.limits.max_connections:
             return Refusal(connections)
-        return GuardedHandler(server, connections=connections, **kwargs)
+        handler = GuardedHandler(server, connections=connections, **kwargs)
+        # Counted now, not at connection_made: several connections accepted
+        # together get their protocols before any of them is connected.
+        connections.live.add(handler)
+        return handler
 
     return factory
 
@@ -462,7 +552,7 @@ async def _serve_forever(settings: Settings, sockets: list[socket.socket], limit
         loop.add_signal_handler(signum, stopped.set)
     try:
         for sock in sockets:
-            await GuardedSite(runner, sock, factory).start()
+            await GuardedSite(runner, sock, factory, connections).start()
         if multiprocessing.parent_process() is not None:
             log.info("worker pid %d serving", os.getpid())
         await stopped.wait()

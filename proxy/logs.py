@@ -106,7 +106,7 @@ class RateLimit(logging.Filter):
             logging.WARNING,
             __file__,
             0,
-            "suppressed %d similar messages in %.0f s: %r",
+            "suppressed %d similar messages in %g s: %r",
             (count, self.interval, template),
             None,
         )

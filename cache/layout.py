@@ -13,7 +13,8 @@ The whole on-disk layout, in one place::
                                                written once the upstream has answered
       tmp/<random>.tmp                         a manifest or index file being written
       index/                                   diskcache: (repository, tag, accept) ->
-                                               (digest, media type, time fetched)
+                                               (digest, media type, time fetched), pins
+      index/listings/                          diskcache: tag list pages (bounded, LRU)
 
 A file under ``blobs/`` or ``manifests/`` only ever appears by ``rename`` after its
 bytes were verified and fsynced, so a reader never sees a half-written one. Names

@@ -493,8 +493,14 @@ def serve_once(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def workers_of(pid: int) -> set[int]:
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return {int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()}
+    """The worker processes of server ``pid`` (not multiprocessing's helper)."""
+    found = set()
+    with contextlib.suppress(FileNotFoundError):  # it may be exiting
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            with contextlib.suppress(FileNotFoundError):
+                if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    found.add(int(child))
+    return found
 
 
 def test_a_killed_worker_is_replaced_and_pulls_go_on(
@@ -529,3 +535,23 @@ def test_a_killed_worker_is_replaced_and_pulls_go_on(
     log = mirror.log.read_text()
     assert f"(pid {victim}) died: killed by SIGKILL" in log
     assert mirror.proc.poll() is None
+
+
+def test_workers_that_keep_dying_stop_the_server_with_status_1(
+    upstream: Registry, tmp_path: Path, started: list[MirrorProcess]
+) -> None:
+    mirror = start(started, upstream, tmp_path / "cache", workers=2)
+    assert mirror.proc is not None
+    killed: set[int] = set()
+    deadline = time.monotonic() + 60
+    while mirror.proc.poll() is None and time.monotonic() < deadline:
+        for pid in workers_of(mirror.proc.pid) - killed:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            killed.add(pid)
+        time.sleep(0.05)
+    assert mirror.proc.poll() == 1
+    log = mirror.log.read_text()
+    assert "workers died 6 times in 60 s: stopping" in log
+    assert log.count("died: killed by SIGKILL") == 6
+    assert "Traceback" not in log

@@ -166,7 +166,9 @@ def listen(host: str, port: int) -> list[socket.socket]:
     """Bound, listening sockets for every address ``host`` resolves to."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except (socket.gaierror, UnicodeError) as exc:
+    except socket.gaierror as exc:
+        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    except UnicodeError as exc:  # a host name IDNA cannot encode
         raise StartupError(f"cannot listen on {host}:{port}: {exc}") from None
     sockets: list[socket.socket] = []
     seen = set()

@@ -23,6 +23,14 @@ LOG_BURST = 20
 LOG_INTERVAL = 60.0
 # Distinct messages tracked at once; the least recently seen are forgotten.
 LOG_KEYS = 1024
+# All rate-limited messages together, per LOG_INTERVAL: messages that differ in
+# their text itself (not only in arguments) cannot flood either.
+LOG_TOTAL = 1000
+# Summary lines written at once; further ones are summed into one.
+SUMMARIES = 10
+# A request path longer than this is cut in the request line (the parser lets
+# 8 KiB through); registry paths are far shorter.
+LOGGED_PATH = 512
 
 RESULTS = {"cache": "hit", "stale": "stale", "upstream": "miss"}
 QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
@@ -57,18 +65,22 @@ class RateLimit(logging.Filter):
         handler: logging.Handler,
         *,
         burst: int = LOG_BURST,
+        total: int = LOG_TOTAL,
         interval: float = LOG_INTERVAL,
         exempt: frozenset[str] = frozenset({ACCESS_LOGGER}),
     ) -> None:
         super().__init__()
         self._handler = handler
         self.burst = burst
+        self.total = total
         self.interval = interval
         self.exempt = exempt
         # (logger, template) -> [window start, records in window, suppressed]
         self._windows: OrderedDict[tuple[str, str], list[float]] = OrderedDict()
         self._lock = threading.Lock()
         self._swept = time.monotonic()
+        # [window start, records in window] over every key.
+        self._all = [self._swept, 0.0]
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name in self.exempt or getattr(record, "rate_limit_summary", False):
@@ -86,9 +98,13 @@ class RateLimit(logging.Filter):
             self._windows.move_to_end(key)
             while len(self._windows) > LOG_KEYS:
                 self._windows.popitem(last=False)
+            if now - self._all[0] >= self.interval:
+                self._all = [now, 0.0]
             window[1] += 1
-            allowed = window[1] <= self.burst
-            if not allowed:
+            allowed = window[1] <= self.burst and self._all[1] < self.total
+            if allowed:
+                self._all[1] += 1
+            else:
                 window[2] += 1
             if now - self._swept >= self.interval:
                 self._swept = now
@@ -96,8 +112,11 @@ class RateLimit(logging.Filter):
                     if other != key and w[2] and now - w[0] >= self.interval:
                         due.append((other, int(w[2])))
                         w[2] = 0
-        for (name, template), count in due:
+        for (name, template), count in due[:SUMMARIES]:
             self._summarize(name, template, count)
+        if len(due) > SUMMARIES:
+            rest = due[SUMMARIES:]
+            self._summarize("pullthrough", f"{len(rest)} other messages", sum(c for _, c in rest))
         return allowed
 
     def _summarize(self, name: str, template: str, count: int) -> None:
@@ -150,15 +169,16 @@ class AccessLogger(AbstractAccessLogger):
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
         source = request.get(SOURCE, "") if isinstance(request, Request) else ""
         sent = body_bytes(request, response)
+        path = request.path[:LOGGED_PATH]
         fields: dict[str, object] = {
             "method": request.method,
-            "path": request.path,
+            "path": path,
             "status": response.status,
             "bytes": sent,
             "duration_ms": round(time * 1000, 2),
             "remote": request.remote,
         }
-        parts = request.path.split("/")
+        parts = path.split("/")
         if len(parts) >= 5 and parts[1] == "v2" and parts[-2] in ("manifests", "blobs"):
             fields["repository"] = "/".join(parts[2:-2])
             fields["reference"] = parts[-1]
@@ -170,7 +190,7 @@ class AccessLogger(AbstractAccessLogger):
             level,
             "%s %s %s %s %dB %.1fms",
             request.method,
-            request.path,
+            path,
             response.status,
             fields.get("result", "-"),
             sent,

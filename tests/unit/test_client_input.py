@@ -121,3 +121,28 @@ def test_repeated_messages_are_rate_limited_with_a_summary() -> None:
     )
     assert sum("GET /v2/" in line for line in lines) == 1000  # request lines are exempt
     assert "WARNING test.ratelimit something else" in lines
+
+
+def test_distinct_messages_have_a_total_budget() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    limit = RateLimit(handler, burst=3, total=50, interval=60)
+    handler.addFilter(limit)
+    logger = logging.getLogger("test.ratelimit.total")
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        for i in range(1000):
+            logger.warning(f"unique message {i}")
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+    assert len(stream.getvalue().splitlines()) == 50
+    limit.interval = 0
+    logger.addHandler(handler)
+    logger.warning("one more")
+    logger.removeHandler(handler)
+    lines = stream.getvalue().splitlines()
+    # Per message kind up to 10 summaries, the rest summed into one line.
+    assert len(lines) == 50 + 10 + 1 + 1
+    assert "suppressed 940 similar messages in 0 s: '940 other messages'" in lines

@@ -239,7 +239,9 @@ class GuardedHandler(web.RequestHandler):
 
     Bytes are counted before they reach the parser, from the end of one head (or
     of its body) to the end of the next (``\\r\\n\\r\\n``); a chunk that would take
-    a head past the limit is answered 431 and never parsed.
+    a head past the limit is answered 431 and never parsed. The one inexact case:
+    what follows a request body in the same read (at most 256 KiB) goes to the
+    parser uncounted; bodies are refused here anyway (the mirror is read-only).
     """
 
     def __init__(self, manager: web.Server, *, connections: Connections, **kwargs: Any) -> None:

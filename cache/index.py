@@ -36,22 +36,41 @@ class Listing:
         return (time.time() if now is None else now) - self.fetched_at
 
 
+# Tag entries and pins are never evicted by diskcache itself (its default is to drop
+# the least recently stored entries past 1 GiB, silently, pins included). Their key
+# space is bounded instead: (upstream, repository, tag) of manifests the upstream
+# really served, times the few Accept sets the mirror tells apart (proxy/mirror.py).
+# The size limit is then only a ceiling on SQLite's own bookkeeping, never reached.
+ENTRIES_SIZE_LIMIT = 1 << 62
+# Tag list pages are keyed by what clients ask for (?n=&last=): a cache, not a record,
+# so least recently stored pages go first beyond this.
+LISTINGS_SIZE_LIMIT = 64 << 20
+
+
 class TagIndex:
     """diskcache (SQLite) underneath: safe across worker processes.
 
-    diskcache is synchronous and may wait on SQLite's lock, so every call goes to a
-    worker thread.
+    ``<directory>`` holds tag entries and pins, ``<directory>/listings`` tag list
+    pages. diskcache is synchronous and may wait on SQLite's lock, so every call
+    from the server goes to a worker thread.
     """
 
     def __init__(self, directory: Path, failures: WriteFailures | None = None) -> None:
-        self._cache = diskcache.Cache(str(directory))
+        self._cache = diskcache.Cache(
+            str(directory), eviction_policy="none", size_limit=ENTRIES_SIZE_LIMIT
+        )
+        self._listings = diskcache.Cache(
+            str(directory / "listings"),
+            eviction_policy="least-recently-stored",
+            size_limit=LISTINGS_SIZE_LIMIT,
+        )
         self._failures = failures or WriteFailures()
 
-    def _set_or_forget(self, key: str, value: object) -> None:
+    def _set_or_forget(self, cache: diskcache.Cache, key: str, value: object) -> None:
         """Record ``key``, unless the disk cannot take it (full, failing): then the
         answer is still given, and the upstream is asked again next time."""
         try:
-            self._cache.set(key, value)
+            cache.set(key, value)
         except (sqlite3.OperationalError, OSError) as exc:
             repository = key.split("\0")[2]
             self._failures.record(f"the tag index entry for {repository}", exc)
@@ -72,11 +91,12 @@ class TagIndex:
     ) -> None:
         value = (entry.digest, entry.media_type, entry.fetched_at)
         await asyncio.to_thread(
-            self._set_or_forget, self._key(upstream, repository, tag, accept), value
+            self._set_or_forget, self._cache, self._key(upstream, repository, tag, accept), value
         )
 
     async def get_listing(self, upstream: str, repository: str, query: str) -> Listing | None:
-        raw = await asyncio.to_thread(self._cache.get, f"list\0{upstream}\0{repository}\0{query}")
+        key = f"list\0{upstream}\0{repository}\0{query}"
+        raw = await asyncio.to_thread(self._listings.get, key)
         if not isinstance(raw, tuple) or len(raw) != 3:
             return None
         body, link, fetched_at = raw
@@ -87,7 +107,7 @@ class TagIndex:
     ) -> None:
         value = (listing.body, listing.link, listing.fetched_at)
         key = f"list\0{upstream}\0{repository}\0{query}"
-        await asyncio.to_thread(self._set_or_forget, key, value)
+        await asyncio.to_thread(self._set_or_forget, self._listings, key, value)
 
     # -- blocking access, for the command line and background jobs ---------------
 
@@ -117,21 +137,27 @@ class TagIndex:
     def rekey(self, names: dict[str, str]) -> int:
         """Move tags and tag lists recorded under an upstream's URL (as before
         they were keyed by the upstream's name) to its name; ``names`` maps URL
-        to name. An entry already under the name is newer and wins. Returns how
-        many entries moved."""
+        to name. An entry already under the name is newer and wins. Tag lists
+        kept beside the tags (where they were before they had a store of their
+        own) are dropped: they are a cache of the upstream, asked again. Returns
+        how many entries moved."""
         moved = 0
-        for key in list(self._cache.iterkeys()):
-            if not isinstance(key, str) or not key.startswith(("tag\0", "list\0")):
-                continue
-            kind, upstream, rest = key.split("\0", 2)
-            name = names.get(upstream)
-            if name is None:
-                continue
-            value = self._cache.get(key)
-            if value is not None:
-                self._cache.add(f"{kind}\0{name}\0{rest}", value)  # add: never overwrites
-            self._cache.delete(key)
-            moved += 1
+        for cache in (self._cache, self._listings):
+            for key in list(cache.iterkeys()):
+                if not isinstance(key, str) or not key.startswith(("tag\0", "list\0")):
+                    continue
+                kind, upstream, rest = key.split("\0", 2)
+                if kind == "list" and cache is self._cache:
+                    cache.delete(key)
+                    continue
+                name = names.get(upstream)
+                if name is None:
+                    continue
+                value = cache.get(key)
+                if value is not None:
+                    cache.add(f"{kind}\0{name}\0{rest}", value)  # add: never overwrites
+                cache.delete(key)
+                moved += 1
         return moved
 
     def pins(self) -> set[str]:
@@ -141,5 +167,10 @@ class TagIndex:
     def set_pins(self, pins: set[str]) -> None:
         self._cache.set("pins", tuple(sorted(pins)))
 
+    def volume(self) -> int:
+        """Bytes the index takes on disk (SQLite and value files), both parts."""
+        return int(self._cache.volume()) + int(self._listings.volume())
+
     def close(self) -> None:
         self._cache.close()
+        self._listings.close()

@@ -18,6 +18,7 @@ The whole on-disk layout, in one place::
       index/                                   diskcache: (upstream name, repository,
                                                tag, accept) -> (digest, media type,
                                                time fetched); pins
+      index/listings/                          diskcache: tag list pages (bounded, LRU)
       upstreams.json, upstreams/<name>/        the upstreams a server ran with, and the
                                                stores of those with credentials
                                                (cache/stores.py)

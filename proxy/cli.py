@@ -3,34 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import logging
-import multiprocessing
 import os
-import shutil
-import signal
 import sys
-import tempfile
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
 
-from aiohttp import web
-
-from cache.archive import remove_abandoned_imports
-from cache.blobs import BlobStore
-from metrics import MULTIPROCESS_ENV
-from proxy import stats
-from proxy.app import create_app, layouts
+from proxy import server, stats
 from proxy.commands import run_tool
 from proxy.config import ConfigError, Settings, load_settings, prepare_cache_dir
-from proxy.logs import AccessLogger
 from proxy.logs import configure as configure_logs
 
 log = logging.getLogger("pullthrough")
-
-IO_THREADS = 32
 
 
 SETTING_FLAGS = (
@@ -187,7 +171,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logs(settings.log_level if args.log_level else "WARNING", "text")
         return run_tool(args, settings)
     configure_logs(settings.log_level, settings.log_format)
-    return serve(settings)
+    try:
+        return server.serve(settings)
+    except server.StartupError as exc:
+        print(f"pullthrough: {exc}", file=sys.stderr)
+        return 1
 
 
 def show_stats(url: str) -> int:
@@ -199,91 +187,3 @@ def show_stats(url: str) -> int:
     print(f"pullthrough at {url}")
     print(stats.summarize(text))
     return 0
-
-
-def serve(settings: Settings) -> int:
-    # Before any worker runs: nothing can be writing yet, so every temp file
-    # here is a crash's leftover.
-    removed = 0
-    for layout in {layout.root: layout for layout in layouts(settings).values()}.values():
-        layout.create()
-        removed += BlobStore(layout).remove_stale() + remove_abandoned_imports(layout)
-    log.info(
-        "pullthrough mirroring %s on http://%s:%d, cache %s, %d worker(s)%s",
-        ", ".join(f"{u.name}={u.url}" for u in settings.all_upstreams()),
-        settings.host,
-        settings.port,
-        settings.cache_dir.resolve(),
-        settings.workers,
-        f", removed {removed} stale temp files" if removed else "",
-    )
-    if settings.workers == 1:
-        _run_worker(settings)
-        return 0
-    # Workers share their counters through files here, so that a scrape of any
-    # worker reports the whole server.
-    own_dir = MULTIPROCESS_ENV not in os.environ
-    if own_dir:
-        os.environ[MULTIPROCESS_ENV] = tempfile.mkdtemp(prefix="pullthrough-metrics-")
-    context = multiprocessing.get_context("spawn")
-    workers = [
-        context.Process(target=_run_worker, args=(settings,), name=f"worker-{i}")
-        for i in range(settings.workers)
-    ]
-    for worker in workers:
-        worker.start()
-
-    def stop(signum: int, _frame: object) -> None:
-        for worker in workers:
-            if worker.pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(worker.pid, signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    for worker in workers:
-        worker.join()
-    if own_dir:
-        shutil.rmtree(os.environ[MULTIPROCESS_ENV], ignore_errors=True)
-    return 0
-
-
-def _run_worker(settings: Settings) -> None:
-    if multiprocessing.parent_process() is not None:
-        configure_logs(settings.log_level, settings.log_format)
-    loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
-    if settings.event_loop == "uvloop":
-        try:
-            import uvloop  # optional: pip install pullthrough[fast]
-        except ImportError:
-            log.warning("event_loop = uvloop, but uvloop is not installed: using asyncio")
-        else:
-            loop_factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(_serve_forever(settings))
-
-
-async def _serve_forever(settings: Settings) -> None:
-    # Disk work (large chunks, fsync, manifests) goes to threads; the default
-    # pool (cores + 4) queues it behind itself under a few concurrent pulls.
-    asyncio.get_running_loop().set_default_executor(
-        ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="io")
-    )
-    runner = web.AppRunner(
-        create_app(settings),
-        access_log=logging.getLogger("pullthrough.access"),
-        access_log_class=AccessLogger,
-    )
-    await runner.setup()
-    site = web.TCPSite(
-        runner, settings.host, settings.port, reuse_port=settings.workers > 1, backlog=1024
-    )
-    await site.start()
-    stopped = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stopped.set)
-    try:
-        await stopped.wait()
-    finally:
-        await runner.cleanup()

@@ -220,8 +220,26 @@ class Settings:
     # few percent of one disk's bandwidth and of a core, and still goes over a
     # 1 TiB cache in about 15 hours.
     scrub_rate: int = 20 * 1024 * 1024
-    # Worker processes sharing the port (SO_REUSEPORT) and the cache.
+    # Worker processes sharing the listening socket and the cache; the main
+    # process restarts one that dies.
     workers: int = 1
+    # Seconds a client has to send a whole request head (request line and
+    # headers), from its first byte, or from the connection's start for its first
+    # request; then the connection is closed. A deadline, not an idle timeout: a
+    # client trickling a header line every few seconds is cut off too. Real
+    # clients send their head in one packet; nginx allows 60 s.
+    request_head_timeout: float = 20.0
+    # Bytes a request head may take in all; a longer one is answered 431 and the
+    # connection closed before it is buffered. Registry clients send about 1 KiB,
+    # a few KiB with a bearer token (nginx: 4 buffers of 8 KiB).
+    max_request_head: int = 65536
+    # Seconds an idle keep-alive connection is kept open (nginx's default; aiohttp
+    # would keep it an hour).
+    keepalive_timeout: float = 75.0
+    # Open client connections per worker; more are answered 503 and closed. Also
+    # lowered at start-up to what the open-file limit can serve (two descriptors
+    # per connection: the socket and a blob file or upstream connection).
+    max_connections: int = 4096
     log_level: str = "INFO"
     # "asyncio" serves blobs with the kernel's sendfile; "uvloop" answers about a
     # quarter more manifest requests a second but copies blobs through user space
@@ -266,6 +284,20 @@ class Settings:
             raise ConfigError(f"scrub_rate must be 0 (off) or more bytes/s, not {self.scrub_rate}")
         if not 1 <= self.workers <= 64:
             raise ConfigError(f"workers must be 1-64, not {self.workers}")
+        if not 0 < self.request_head_timeout <= 300:
+            raise ConfigError(
+                f"request_head_timeout must be 0-300 seconds, not {self.request_head_timeout}"
+            )
+        if not 1024 <= self.max_request_head <= 1 << 20:
+            raise ConfigError(
+                f"max_request_head must be 1024-1048576 bytes, not {self.max_request_head}"
+            )
+        if not 0 < self.keepalive_timeout <= 3600:
+            raise ConfigError(
+                f"keepalive_timeout must be 0-3600 seconds, not {self.keepalive_timeout}"
+            )
+        if self.max_connections < 1:
+            raise ConfigError(f"max_connections must be 1 or more, not {self.max_connections}")
         if self.event_loop not in ("asyncio", "uvloop"):
             raise ConfigError(f"event_loop must be asyncio or uvloop, not {self.event_loop!r}")
         if self.log_format not in ("text", "json"):

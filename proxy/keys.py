@@ -15,3 +15,7 @@ MIRRORS = web.AppKey("mirrors", Mirrors)
 SOURCE = web.RequestKey("source", str)
 # The ?ns= a request was routed by, echoed back as OCI-Namespace.
 NAMESPACE = web.RequestKey("namespace", str)
+# Body bytes a blob response really sent (sendfile or stream), for the access log.
+BODY_BYTES = web.RequestKey("body_bytes", int)
+# A response cut short because its download failed.
+ABORTED = web.RequestKey("aborted", bool)

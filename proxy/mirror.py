@@ -10,12 +10,12 @@ import asyncio
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-from aiocache import SimpleMemoryCache
 
 from cache.blobs import BlobSink, BlobStore, OpenBlob, Tracker
 from cache.digests import Digest
@@ -87,24 +87,76 @@ ANY_CLIENT = "*"
 ACCEPT_ALL = (OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST)
 
 
+# The manifest media types the mirror tells apart. Anything else a client lists in
+# Accept is dropped: it cannot change what a registry answers, and keying on it would
+# let each client grow the tag index with values of its choosing.
+KNOWN_TYPES = frozenset(
+    {OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST, DOCKER_V1_SIGNED, DOCKER_V1}
+)
+# "*/*" or "application/*": the client takes anything. Kept (as "*/*") because some
+# registries answer it with an index where a bare Accept gets a single manifest.
+ANY_TYPE = "*/*"
+# Fresh tags kept in memory per worker, beyond which the oldest go first.
+RECENT_TAGS = 4096
+
+
 def _memory_key(repository: str, tag: str, accept: str) -> str:
     return f"{repository}\0{tag}\0{accept}"
 
 
+def accepted_types(accept: Sequence[str]) -> tuple[str, ...]:
+    """The known manifest types among Accept lines, sorted, without duplicates.
+
+    Case, order, q-values and other parameters are ignored. This is both the
+    tag index's key (at most 2**7 values) and what is forwarded upstream, so one
+    key always stands for one upstream answer.
+    """
+    types = set()
+    for value in accept:
+        for part in value.split(","):
+            media_type = part.split(";")[0].strip().lower()
+            if media_type in KNOWN_TYPES:
+                types.add(media_type)
+            elif media_type in ("*/*", "application/*"):
+                types.add(ANY_TYPE)
+    return tuple(sorted(types))
+
+
 def accepts(accept: Sequence[str], media_type: str) -> bool:
-    types = set(accept_key(accept).split(",")) - {""}
-    return not types or media_type in types or "*/*" in types
+    types = accepted_types(accept)
+    return not types or media_type in types or ANY_TYPE in types
 
 
 def accept_key(accept: Sequence[str]) -> str:
     """The set of media types a client accepts, normalised, for keying tag lookups."""
-    types = {
-        part.split(";")[0].strip().lower()
-        for value in accept
-        for part in value.split(",")
-        if part.strip()
-    }
-    return ",".join(sorted(types))
+    return ",".join(accepted_types(accept))
+
+
+class RecentTags:
+    """Tag entries fresh enough to answer from memory, the oldest dropped past a cap."""
+
+    def __init__(self, capacity: int = RECENT_TAGS) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[str, tuple[float, TagEntry]] = OrderedDict()
+
+    def get(self, key: str) -> TagEntry | None:
+        found = self._entries.get(key)
+        if found is None:
+            return None
+        expires, entry = found
+        if time.monotonic() >= expires:
+            del self._entries[key]
+            return None
+        return entry
+
+    def set(self, key: str, entry: TagEntry, ttl: float) -> None:
+        self._entries[key] = (time.monotonic() + ttl, entry)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +197,7 @@ class Mirror:
         self.tags = tags
         self.metrics = metrics
         self._probe: tuple[float, str] | None = None
-        self._recent_tags = SimpleMemoryCache()
+        self._recent_tags = RecentTags()
         # Tags are recorded under the upstream's name, not its URL: the tools
         # (`pullthrough cache ls`, export, pin, gc) find them without the
         # server's --upstream, and a changed URL keeps them.
@@ -158,6 +210,8 @@ class Mirror:
     async def manifest(
         self, repository: str, reference: Reference, accept: Sequence[str], *, head: bool
     ) -> ManifestAnswer:
+        # From here on, and upstream, only the types the mirror knows.
+        accept = accepted_types(accept)
         if reference.digest is not None:
             return await self._by_digest(repository, reference.digest, accept, head=head)
         assert reference.tag is not None
@@ -187,7 +241,7 @@ class Mirror:
         # for one client and a single-platform manifest for another.
         key = accept_key(accept)
         memory_key = _memory_key(repository, tag, key)
-        recent = await self._recent_tags.get(memory_key)
+        recent = self._recent_tags.get(memory_key)
         if isinstance(recent, TagEntry) and recent.age() < self.tag_ttl:
             known = await self.manifests.get(Digest.parse(recent.digest))
             if known is not None:
@@ -270,7 +324,7 @@ class Mirror:
         pull inside it costs no SQLite read (the index stays the shared truth)."""
         left = self.tag_ttl - entry.age()
         if left > 0 and not self.offline:
-            await self._recent_tags.set(key, entry, ttl=left)
+            self._recent_tags.set(key, entry, ttl=left)
 
     async def remember_for_everyone(
         self, repository: str, tag: str, stored: StoredManifest

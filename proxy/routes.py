@@ -6,16 +6,24 @@ import asyncio
 import logging
 import re
 import time
+from typing import IO, Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
 from cache.blobs import Abandoned, OpenBlob, Tracker
 from cache.digests import Digest
-from cache.errors import DownloadFailed
+from cache.errors import DownloadFailed, InvalidDigest, UnsupportedDigest
 from proxy import names
-from proxy.errors import PaginationInvalid, RangeInvalid, Unsupported, UpstreamUnknown
-from proxy.keys import METRICS, MIRRORS, NAMESPACE, SOURCE
+from proxy.errors import (
+    ManifestUnknown,
+    PaginationInvalid,
+    RangeInvalid,
+    TagInvalid,
+    Unsupported,
+    UpstreamUnknown,
+)
+from proxy.keys import ABORTED, BODY_BYTES, METRICS, MIRRORS, NAMESPACE, SOURCE
 from proxy.mirror import ManifestAnswer, Mirror
 from proxy.names import Reference
 
@@ -27,6 +35,10 @@ _TAGS = re.compile(r"^(?P<name>.+)/tags/list$")
 _UPLOADS = re.compile(r"^.+/blobs/uploads(/.*)?$")
 _RESULT = {"cache": "hit", "stale": "stale", "upstream": "miss"}
 MAX_TAGS_PAGE = 10_000
+# ASCII digits only (str.isdigit() also takes "²"), and few enough for int().
+_NUMBER = re.compile(r"^[0-9]{1,9}$")
+# How much of a client's input an error message repeats.
+MAX_ECHO = 256
 # How often a reader may start over when the download it followed in another
 # process was abandoned before sending it anything.
 FOLLOW_ATTEMPTS = 3
@@ -59,7 +71,7 @@ async def registry(request: web.Request) -> web.StreamResponse:
         mirror, name = route(request, match["name"])
         repository = names.repository(name, docker_hub_rules=mirror.library_prefix)
         if kind == "manifest":
-            response = await manifest(request, mirror, repository, Reference.parse(match["ref"]))
+            response = await manifest(request, mirror, repository, manifest_reference(match["ref"]))
         elif kind == "blob":
             response = await blob(request, mirror, repository, Digest.parse(match["ref"]))
         else:
@@ -69,8 +81,28 @@ async def registry(request: web.Request) -> web.StreamResponse:
         raise
     finally:
         metrics.duration.labels(kind).observe(time.monotonic() - started)
-    metrics.requests.labels(kind, _RESULT.get(request.get(SOURCE, ""), "miss")).inc()
+    result = "error" if request.get(ABORTED) else _RESULT.get(request.get(SOURCE, ""), "miss")
+    metrics.requests.labels(kind, result).inc()
     return response
+
+
+def manifest_reference(raw: str) -> Reference:
+    """A tag or digest; one that cannot exist is unknown, not invalid: the OCI
+    conformance suite asks for a 404 on ``manifests/.INVALID_MANIFEST_NAME``."""
+    try:
+        return Reference.parse(raw)
+    except (TagInvalid, InvalidDigest, UnsupportedDigest):
+        raise ManifestUnknown(f"no manifest {raw[:MAX_ECHO]!r}") from None
+
+
+def bounded_number(name: str, raw: str, low: int, high: int) -> int:
+    """A query parameter as a number in [low, high], or PAGINATION_NUMBER_INVALID.
+
+    Checked as text first: int() of a few thousand digits raises ValueError.
+    """
+    if not _NUMBER.match(raw) or not low <= int(raw) <= high:
+        raise PaginationInvalid(f"{name} must be {low}-{high}")
+    return int(raw)
 
 
 def route(request: web.Request, name: str) -> tuple[Mirror, str]:
@@ -110,10 +142,7 @@ async def tag_list(request: web.Request, mirror: Mirror, repository: str) -> web
         raise Unsupported("HEAD of a tag list")
     query: dict[str, str] = {}
     if "n" in request.query:
-        n = request.query["n"]
-        if not n.isdigit() or not 0 < int(n) <= MAX_TAGS_PAGE:
-            raise PaginationInvalid(f"n must be 1-{MAX_TAGS_PAGE}")
-        query["n"] = str(int(n))
+        query["n"] = str(bounded_number("n", request.query["n"], 1, MAX_TAGS_PAGE))
     if "last" in request.query:
         query["last"] = str(Reference.parse(request.query["last"]))
     listing, source = await mirror.tag_list(repository, query)
@@ -194,7 +223,24 @@ async def blob(
     raise DownloadFailed(f"could not follow the download of {digest}")
 
 
-class _HeldFileResponse(web.FileResponse):
+class SentFileResponse(web.FileResponse):
+    """A FileResponse that records how many body bytes it really sent.
+
+    asyncio leaves the file's position after what ``sendfile`` sent, also when
+    the client went away midway, and the copying fallback (uvloop) reads it
+    forward as it writes.
+    """
+
+    async def _sendfile(
+        self, request: web.BaseRequest, fobj: IO[Any], offset: int, count: int
+    ) -> AbstractStreamWriter:
+        try:
+            return await super()._sendfile(request, fobj, offset, count)
+        finally:
+            request[BODY_BYTES] = max(fobj.tell() - offset, 0)
+
+
+class _HeldFileResponse(SentFileResponse):
     """A cached blob sent from the descriptor opened at the hit: an eviction in
     the meantime cannot take the file away. sendfile, Range and conditional
     requests come with FileResponse; the descriptor is closed once it is sent."""
@@ -227,14 +273,16 @@ async def _stream(
         response.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
     if stop is not None:
         response.content_length = stop - start
-    await response.prepare(request)
+    request[BODY_BYTES] = 0
     pos = start
     try:
+        await response.prepare(request)
         for attempt in range(1, FOLLOW_ATTEMPTS + 1):
             try:
                 async for chunk in tracker.read(pos, stop):
                     await response.write(chunk)
                     pos += len(chunk)
+                    request[BODY_BYTES] += len(chunk)
                 break
             except Abandoned:
                 # The worker whose download we followed gave it up (its disk
@@ -245,14 +293,20 @@ async def _stream(
                 tracker.close()
                 tracker = _must(mirror.blob_download(repository, digest, committed=True))
                 await tracker.size()
-    except ConnectionError:
-        raise  # the client went away
     except Exception as exc:
-        # Headers are gone already: the only honest signal left is a short body.
-        log.warning("aborting response for %s: %s", digest, exc)
-        if request.transport is not None:
-            request.transport.abort()
-        raise ConnectionResetError(str(exc)) from exc
+        transport = request.transport
+        if isinstance(exc, ConnectionError) and (transport is None or transport.is_closing()):
+            # An ordinary event (a pull cancelled, a client timing out): the
+            # download goes on into the cache without it.
+            log.info("client went away after %d bytes of %s", request[BODY_BYTES], digest)
+        else:
+            # Headers are gone already: the only honest signal left is a short body.
+            log.warning("aborting response for %s: %s", digest, exc)
+            request[ABORTED] = True
+            if transport is not None:
+                transport.abort()
+        # Returned, not raised: aiohttp logs a handler's exception with a traceback.
+        return response
     finally:
         tracker.close()
     await response.write_eof()

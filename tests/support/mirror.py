@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -69,8 +70,11 @@ class MirrorProcess:
         workers: int = 1,
         env: dict[str, str] | None = None,
         config: Path | None = None,
+        open_files: int | None = None,
     ) -> None:
         self.config = config
+        # An open-file limit (soft and hard) for the server, as `ulimit -n` sets.
+        self.open_files = open_files
         self.cache_dir = cache_dir
         self.upstream = upstream
         self.workers = workers
@@ -101,6 +105,7 @@ class MirrorProcess:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
+                preexec_fn=None if self.open_files is None else self._limit_open_files,
             )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -113,6 +118,10 @@ class MirrorProcess:
                 time.sleep(0.05)
         self.kill()  # a mirror that never answered must not outlive the test
         raise RuntimeError(f"mirror did not start: {self.log.read_text()}")
+
+    def _limit_open_files(self) -> None:
+        assert self.open_files is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, self.open_files))
 
     def kill(self) -> None:
         """SIGKILL the whole process group: no clean-up code runs, as in a crash."""

@@ -1,0 +1,3 @@
+from bench.suite.main import main
+
+raise SystemExit(main())

@@ -1,3 +1,0 @@
-from bench.suite.main import main
-
-raise SystemExit(main())

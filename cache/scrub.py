@@ -51,6 +51,9 @@ PAUSE_MAX_SECONDS = 600.0
 # when the scrubbing worker exits.
 LOCK_RETRY_SECONDS = 60.0
 CHUNK = 1 << 20
+# A blob whose mtime is this recent was served lately (a hit touches it at most
+# every TOUCH_SECONDS): the scrub leaves its pages in the page cache.
+IN_USE_SECONDS = 3600.0
 
 
 class Stopped(Exception):
@@ -160,10 +163,14 @@ def check_blob(
     except FileNotFoundError:
         return None
     try:
-        inode = os.fstat(fd).st_ino
-        # Check what the disk holds, not a copy in the page cache, and leave no
-        # cold blob behind in it (pages in use by a request are not dropped).
-        _advise(fd, os.POSIX_FADV_DONTNEED)
+        st = os.fstat(fd)
+        inode = st.st_ino
+        # A blob in use stays in the page cache: that copy is what clients get,
+        # and dropping it to re-read the disk would cost every hit of a hot blob
+        # a disk read (sendfile at disk speed). A cold blob is read from disk
+        # anyway, and its pages are dropped after, so the scrub leaves the cache
+        # as it found it. A hot blob's disk copy is checked once it cools down.
+        in_use = time.time() - st.st_mtime < IN_USE_SECONDS
         _advise(fd, os.POSIX_FADV_SEQUENTIAL)
         hasher = entry.digest.hasher()
         hashed = 0
@@ -176,7 +183,8 @@ def check_blob(
             hashed += len(chunk)
             on_bytes(len(chunk))
             throttle.take(len(chunk))
-        _advise(fd, os.POSIX_FADV_DONTNEED)
+        if not in_use:
+            _advise(fd, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
     actual = Digest(entry.digest.algorithm, hasher.hexdigest())

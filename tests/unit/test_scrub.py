@@ -201,3 +201,36 @@ def test_scrub_rate_setting(raw: str, rate: int) -> None:
 def test_a_bad_scrub_rate_stops_start_up(raw: str) -> None:
     with pytest.raises(ConfigError, match="scrub_rate"):
         load_settings(environ={"PULLTHROUGH_SCRUB_RATE": raw})
+
+
+def in_page_cache(path: Path) -> bool:
+    """Whether the first page of ``path`` is in the page cache (a read that may
+    not wait for the disk succeeds)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.preadv(fd, [bytearray(4096)], 0, os.RWF_NOWAIT)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def test_the_scrub_leaves_a_hot_blob_in_the_page_cache_and_drops_a_cold_one(
+    layout: Layout,
+) -> None:
+    hot, cold = put_blob(layout, os.urandom(1 << 20)), put_blob(layout, os.urandom(1 << 20))
+    for digest in (hot, cold):
+        path = layout.blob(digest)
+        with path.open("rb+") as f:
+            os.fsync(f.fileno())  # dirty pages cannot be dropped
+        path.read_bytes()  # in the page cache, as a served blob is
+    hour_ago = layout.blob(cold).stat().st_mtime - 7200
+    os.utime(layout.blob(cold), (hour_ago, hour_ago))
+    assert in_page_cache(layout.blob(hot))
+    assert in_page_cache(layout.blob(cold))
+    counts: dict[str, int] = {}
+    scrubber(layout, counts).scrub_once(Throttle(0))
+    assert counts["bytes"] == 2 << 20
+    assert in_page_cache(layout.blob(hot))
+    assert not in_page_cache(layout.blob(cold))

@@ -11,6 +11,10 @@ DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_V1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
 DOCKER_V1 = "application/vnd.docker.distribution.manifest.v1+json"
+# Every manifest type above: what the mirror tells apart in Accept.
+MANIFESTS = frozenset(
+    {OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST, DOCKER_V1_SIGNED, DOCKER_V1}
+)
 
 # RFC 6838 type/subtype, as registries send them (parameters are never stored).
 MEDIA_TYPE = re.compile(

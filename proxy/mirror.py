@@ -28,8 +28,7 @@ from cache.manifests import StoredManifest
 from cache.mediatypes import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
-    DOCKER_V1,
-    DOCKER_V1_SIGNED,
+    MANIFESTS,
     OCI_INDEX,
     OCI_MANIFEST,
     implied,
@@ -104,9 +103,7 @@ ACCEPT_ALL = (OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST)
 # The manifest media types the mirror tells apart. Anything else a client lists in
 # Accept is dropped: it cannot change what a registry answers, and keying on it would
 # let each client grow the tag index with values of its choosing.
-KNOWN_TYPES = frozenset(
-    {OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST, DOCKER_V1_SIGNED, DOCKER_V1}
-)
+KNOWN_TYPES = MANIFESTS
 # "*/*" or "application/*": the client takes anything. Kept (as "*/*") because some
 # registries answer it with an index where a bare Accept gets a single manifest.
 ANY_TYPE = "*/*"

@@ -14,6 +14,7 @@ from aiohttp.abc import AbstractStreamWriter
 
 from cache.digests import Digest
 from cache.errors import InvalidDigest, UnsupportedDigest
+from metrics import CONTENT_TYPE
 from proxy import names
 from proxy.errors import (
     ManifestUnknown,
@@ -24,6 +25,7 @@ from proxy.errors import (
     UpstreamUnknown,
 )
 from proxy.keys import ABORTED, BODY_BYTES, METRICS, MIRRORS, NAMESPACE, SOURCE
+from proxy.logs import RESULTS
 from proxy.mirror import BlobHit, BlobStream, ManifestAnswer, Mirror
 from proxy.names import Reference
 
@@ -33,7 +35,6 @@ API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 _ROUTE = re.compile(r"^(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<ref>[^/]+)$")
 _TAGS = re.compile(r"^(?P<name>.+)/tags/list$")
 _UPLOADS = re.compile(r"^.+/blobs/uploads(/.*)?$")
-_RESULT = {"cache": "hit", "stale": "stale", "upstream": "miss"}
 MAX_TAGS_PAGE = 10_000
 # ASCII digits only (str.isdigit() also takes "²"), and few enough for int().
 _NUMBER = re.compile(r"^[0-9]{1,9}$")
@@ -47,7 +48,7 @@ async def ping(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     body = await asyncio.to_thread(request.app[METRICS].exposition)
-    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 async def registry(request: web.Request) -> web.StreamResponse:
@@ -78,7 +79,7 @@ async def registry(request: web.Request) -> web.StreamResponse:
         raise
     finally:
         metrics.duration.labels(kind).observe(time.monotonic() - started)
-    result = "error" if request.get(ABORTED) else _RESULT.get(request.get(SOURCE, ""), "miss")
+    result = "error" if request.get(ABORTED) else RESULTS.get(request.get(SOURCE, ""), "miss")
     metrics.requests.labels(kind, result).inc()
     return response
 

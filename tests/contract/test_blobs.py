@@ -12,6 +12,7 @@ from cache.digests import Digest
 from cache.errors import DigestMismatch, SizeMismatch
 from cache.storage import BlobStorage, DownloadSink, Tracker
 from tests.contract.conftest import Backend
+from tests.support.trackers import read_all, reading
 
 DATA = os.urandom(300_000 + 7)
 DIGEST = Digest("sha256", hashlib.sha256(DATA).hexdigest())
@@ -48,10 +49,6 @@ class Upstream:
         await self._allowed.acquire()  # the fetch returns: the store verifies
 
 
-async def read(tracker: Tracker, start: int = 0, end: int | None = None) -> bytes:
-    return b"".join([chunk async for chunk in tracker.read(start, end)])
-
-
 async def until(condition: object, what: str) -> None:
     """Let the event loop run until ``condition()`` holds (bounded by steps, not time)."""
     assert callable(condition)
@@ -73,13 +70,7 @@ async def test_a_blob_is_visible_only_once_every_byte_is_verified(backend: Backe
     upstream = Upstream()
     tracker = track(store, upstream)
     assert await tracker.size() == len(DATA)
-    got = bytearray()
-
-    async def follow() -> None:
-        async for chunk in tracker.read(0, None):
-            got.extend(chunk)
-
-    reader = asyncio.create_task(follow())
+    reader, got = reading(tracker)
     upstream.allow(len(DATA) // CHUNK)  # everything but the last chunk
     await until(lambda: upstream.sent >= len(DATA) - CHUNK, "all but the last chunk sent")
     assert store.stat(DIGEST) is None
@@ -105,13 +96,7 @@ async def test_the_last_byte_waits_for_the_verdict(backend: Backend) -> None:
     store = backend.blobs()
     upstream = Upstream()
     tracker = track(store, upstream)
-    got = bytearray()
-
-    async def follow() -> None:
-        async for chunk in tracker.read(0, None):
-            got.extend(chunk)
-
-    reader = asyncio.create_task(follow())
+    reader, got = reading(tracker)
     upstream.allow(len(DATA) // CHUNK + 1)
     await until(lambda: upstream.sent >= len(DATA), "every chunk written")
     # Every byte was written; the writer has not returned, so nothing is verified.
@@ -131,7 +116,7 @@ async def test_wrong_content_leaves_nothing(backend: Backend, wrong: str) -> Non
     tracker = track(store, upstream)
     upstream.allow_all()
     with pytest.raises(DigestMismatch if wrong == "bytes" else SizeMismatch):
-        await read(tracker)
+        await read_all(tracker)
     await store.settle()
     assert store.stat(DIGEST) is None
     assert list(store.digests()) == []
@@ -140,7 +125,7 @@ async def test_wrong_content_leaves_nothing(backend: Backend, wrong: str) -> Non
     retry = track(store, again)
     assert not retry.joined
     again.allow_all()
-    assert await read(retry) == DATA
+    assert await read_all(retry) == DATA
     await store.settle()
     assert again.calls == 1
     assert store.stat(DIGEST) == len(DATA)
@@ -151,13 +136,7 @@ async def test_a_failed_fetch_ends_readers_short_and_leaves_nothing(backend: Bac
     store = backend.blobs()
     upstream = Upstream(fail_at=2 * CHUNK)
     tracker = track(store, upstream)
-    got = bytearray()
-
-    async def follow() -> None:
-        async for chunk in tracker.read(0, None):
-            got.extend(chunk)
-
-    reader = asyncio.create_task(follow())
+    reader, got = reading(tracker)
     upstream.allow_all()
     with pytest.raises(ConnectionResetError):
         await reader
@@ -190,7 +169,7 @@ async def test_concurrent_requests_share_one_writer(backend: Backend) -> None:
     others = [track(store, unused) for _ in range(4)]
     assert not first.joined
     assert all(t.joined for t in others)
-    readers = [asyncio.create_task(read(t)) for t in [first, *others]]
+    readers = [asyncio.create_task(read_all(t)) for t in [first, *others]]
     upstream.allow_all()
     assert [await r for r in readers] == [DATA] * 5
     assert (upstream.calls, unused.calls) == (1, 0)
@@ -205,9 +184,9 @@ async def test_another_handle_follows_instead_of_fetching(backend: Backend) -> N
     follower = track(reader_side, unused)
     assert follower.joined
     assert await follower.size() == len(DATA)
-    whole = asyncio.create_task(read(follower))
+    whole = asyncio.create_task(read_all(follower))
     upstream.allow_all()
-    assert await read(leader) == DATA
+    assert await read_all(leader) == DATA
     assert await whole == DATA
     await writer_side.settle()
     assert unused.calls == 0
@@ -221,9 +200,9 @@ async def test_ranges_are_read_while_the_blob_grows(backend: Backend) -> None:
     upstream = Upstream()
     tracker = track(store, upstream)
     await tracker.size()
-    early = asyncio.create_task(read(tracker, 10, 1000))
-    middle = asyncio.create_task(read(track(store, Upstream()), CHUNK - 5, 3 * CHUNK + 5))
-    tail = asyncio.create_task(read(track(store, Upstream()), len(DATA) - 3, None))
+    early = asyncio.create_task(read_all(tracker, 10, 1000))
+    middle = asyncio.create_task(read_all(track(store, Upstream()), CHUNK - 5, 3 * CHUNK + 5))
+    tail = asyncio.create_task(read_all(track(store, Upstream()), len(DATA) - 3, None))
     upstream.allow(4)
     await until(lambda: upstream.sent >= 4 * CHUNK, "four chunks written")
     assert not early.done()  # a range's last byte also waits for the verdict
@@ -239,11 +218,11 @@ async def test_a_committed_blob_can_be_read_through_a_tracker(backend: Backend) 
     upstream = Upstream()
     tracker = track(store, upstream)
     upstream.allow_all()
-    await read(tracker)
+    await read_all(tracker)
     await store.settle()
     again = track(store, Upstream(), committed=True)
     assert await again.size() == len(DATA)
-    assert await read(again, 100, 200) == DATA[100:200]
+    assert await read_all(again, 100, 200) == DATA[100:200]
     await store.close()
 
 
@@ -253,7 +232,7 @@ async def test_remove_takes_a_blob_away_but_not_from_its_holder(backend: Backend
     upstream = Upstream()
     tracker = track(store, upstream)
     upstream.allow_all()
-    await read(tracker)
+    await read_all(tracker)
     await store.settle()
     held = store.open(DIGEST)
     assert held is not None

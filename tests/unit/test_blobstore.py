@@ -18,7 +18,7 @@ from cache.digests import Digest
 from cache.errors import DigestMismatch, DownloadFailed
 from cache.layout import Layout
 from cache.space import WriteFailures
-from cache.storage import Tracker
+from tests.support.trackers import read_all, reading
 
 DATA = os.urandom(2 * 1024 * 1024 + 3)
 DIGEST = Digest("sha256", hashlib.sha256(DATA).hexdigest())
@@ -47,10 +47,6 @@ class Feed:
         await sink.write(self.data[:half])
         await self.go.wait()
         await sink.write(self.data[half:])
-
-
-async def read_all(tracker: Tracker, start: int = 0, end: int | None = None) -> bytes:
-    return b"".join([chunk async for chunk in tracker.read(start, end)])
 
 
 async def test_followers_share_one_fetch_and_get_identical_bytes(layout: Layout) -> None:
@@ -93,13 +89,7 @@ async def test_reader_never_gets_the_last_byte_before_commit(layout: Layout) -> 
 
     tracker = store.track(DIGEST, fetch)
     assert tracker is not None
-    got = bytearray()
-
-    async def read() -> None:
-        async for chunk in tracker.read(0, None):
-            got.extend(chunk)
-
-    reader = asyncio.create_task(read())
+    reader, got = reading(tracker)
     await asyncio.sleep(0.1)
     assert len(got) == len(DATA) - 1
     gate.set()
@@ -269,13 +259,7 @@ async def test_pass_through_keeps_the_last_byte_until_verified_and_fails_on_bad_
     fetch.gate.clear()
     tracker = store.track(DIGEST, fetch)
     assert tracker is not None
-    got = bytearray()
-
-    async def read() -> None:
-        async for chunk in tracker.read(0, None):
-            got.extend(chunk)
-
-    reader = asyncio.create_task(read())
+    reader, got = reading(tracker)
     await asyncio.sleep(0.05)
     assert 0 < len(got) < len(DATA)
     fetch.gate.set()

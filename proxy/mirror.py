@@ -567,7 +567,7 @@ class BlobStream:
         self._digest = digest
         self._tracker = tracker
 
-    async def read(self, start: int, stop: int | None) -> AsyncGenerator[bytes]:
+    async def read(self, start: int, stop: int | None) -> AsyncGenerator[bytes, None]:
         """Bytes ``start`` to ``stop`` (exclusive; None: to the end)."""
         pos = start
         try:

@@ -78,7 +78,7 @@ async def test_wrong_bytes_are_discarded_and_readers_fail(layout: Layout) -> Non
     assert list(layout.tmp.iterdir()) == []
 
 
-async def test_reader_never_gets_the_last_byte_before_commit(layout: Layout) -> None:
+async def test_reader_never_gets_the_last_byte_before_verification(layout: Layout) -> None:
     store = BlobStore(layout)
     gate = asyncio.Event()
 

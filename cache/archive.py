@@ -65,16 +65,13 @@ from cache.errors import CacheError, InvalidDigest
 from cache.graph import blobs, children, closure, platform_wanted
 from cache.layout import Layout, fsync_dir
 from cache.manifests import ManifestStore, StoredManifest
+from cache.mediatypes import OCI_INDEX, OCI_MANIFEST, implied, is_media_type
 from cache.quarantine import Corrupt, quarantine, report
 
 REF_NAME = "org.opencontainers.image.ref.name"
 #: On an index.json descriptor: the image was exported for these platforms only
 #: (comma-separated), so children of other platforms are absent on purpose.
 PLATFORMS = "org.pullthrough.platforms"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-DOCKER_SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
-DOCKER_SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
 LAYOUT_VERSION = "1.0.0"
 MAX_DOCUMENT = 4 << 20  # index.json, oci-layout and manifests are read whole
 CHUNK = 1 << 20
@@ -90,10 +87,6 @@ Progress = Callable[[int], None]
 _ALGORITHM = r"[a-z0-9]+(?:[+._-][a-z0-9]+)*"
 _BLOB_DIR = re.compile(rf"^blobs/{_ALGORITHM}$")
 _BLOB_FILE = re.compile(rf"^blobs/({_ALGORITHM})/([^/]+)$")
-# RFC 6838 type/subtype: what a manifest may be stored and served as.
-_MEDIA_TYPE = re.compile(
-    r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}$"
-)
 _COMPRESSED = {
     b"\x1f\x8b": "gzip",
     b"BZh": "bzip2",
@@ -766,7 +759,7 @@ def _load_manifest(ref: _Ref, path: Path) -> StoredManifest:
     if not isinstance(doc, dict):
         raise ArchiveError(f"{ref.digest} ({ref.named_by}) is not a manifest: not a JSON object")
     media_type = ref.media_type or _declared_type(doc)
-    if not _MEDIA_TYPE.match(media_type):
+    if not is_media_type(media_type):
         raise ArchiveError(f"manifest {ref.digest} has an invalid media type {media_type!r}")
     return StoredManifest(ref.digest, media_type, data)
 
@@ -786,9 +779,7 @@ def _declared_type(doc: dict[str, Any]) -> str:
     declared = doc.get("mediaType")
     if isinstance(declared, str) and declared:
         return declared
-    if doc.get("schemaVersion") == 1:
-        return DOCKER_SCHEMA1_SIGNED if "signatures" in doc else DOCKER_SCHEMA1
-    return OCI_INDEX if "manifests" in doc else OCI_MANIFEST
+    return implied(doc) or OCI_MANIFEST
 
 
 def _commit(plan: _ImportPlan, staged: _Staged, layout: Layout) -> ImportSummary:

@@ -7,8 +7,9 @@ grows. Readers in the writer's own process are woken by the writer; readers in
 other processes poll the file and test the lock to learn the writer has finished.
 
 A reader never gets the last byte of what it asked for before the writer has
-verified the whole blob and committed it, so no client can receive a complete
-response of unverified content: a failed download ends every response short.
+verified the whole blob (its fsync and rename into place follow without holding
+readers up), so no client can receive a complete response of unverified content:
+a failed download ends every response short.
 
 When the file cannot be written (a full disk, a quota, an I/O error) the download
 goes on in *pass-through*: with a size cap, space is first freed by eviction and
@@ -33,18 +34,19 @@ import os
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Self
 
 from cache.digests import Digest
-from cache.errors import DigestMismatch, DownloadFailed, SizeMismatch
+from cache.errors import Abandoned, DigestMismatch, DownloadFailed, SizeMismatch
 from cache.evict import touch_if_stale
 from cache.layout import Layout, fsync_dir, write_atomic
 from cache.space import WriteFailures
+from cache.storage import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +77,6 @@ INLINE_BYTES = 256 * 1024
 
 class _Unwanted(DownloadFailed):
     """A pass-through download nobody reads any more: nothing to finish it for."""
-
-
-class Abandoned(DownloadFailed):
-    """The writer in another process went away without committing: its disk was
-    full (it goes on in pass-through for its own readers only), the bytes were
-    wrong, or it crashed. A reader may go on with a download of its own."""
 
 
 def _lock_is_free(fd: int) -> bool:
@@ -179,11 +175,6 @@ class BlobWriter:
         actual = f"{self.digest.algorithm}:{self._hasher.hexdigest()}"
         if actual != str(self.digest):
             raise DigestMismatch(str(self.digest), actual)
-
-    def commit(self) -> Path:
-        """Verify, then make the blob durable and visible by rename."""
-        self.verify()
-        return self.persist()
 
     def persist(self) -> Path:
         """fsync, then rename into place: only then can anyone find it."""
@@ -384,22 +375,6 @@ class BlobSink:
 Fetch = Callable[[BlobSink], Awaitable[None]]
 
 
-class Tracker(Protocol):
-    """A blob being downloaded, seen by one reader."""
-
-    # True when this reader joined a download someone else had started.
-    joined: bool
-
-    async def size(self) -> int | None:
-        """Wait for the upstream's answer; raise what the download failed with."""
-
-    def read(self, start: int, end: int | None) -> AsyncIterator[bytes]:
-        """Bytes ``start`` to ``end`` (exclusive; None: to the end) as they arrive."""
-
-    def close(self) -> None:
-        """This reader is done (also when it never read): let the download forget it."""
-
-
 class BlobStore:
     def __init__(
         self,
@@ -420,14 +395,14 @@ class BlobStore:
         self._downloads: dict[Digest, Download] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def stat(self, digest: Digest) -> tuple[Path, int] | None:
-        path = self.layout.blob(digest)
+    def stat(self, digest: Digest) -> int | None:
+        """The committed blob's size, or None."""
         try:
-            return path, path.stat().st_size
+            return self.layout.blob(digest).stat().st_size
         except FileNotFoundError:
             return None
 
-    def hit(self, digest: Digest) -> tuple[Path, int] | None:
+    def hit(self, digest: Digest) -> int | None:
         """Like ``stat``, and records the use for eviction."""
         path = self.layout.blob(digest)
         try:
@@ -435,7 +410,7 @@ class BlobStore:
         except FileNotFoundError:
             return None
         touch_if_stale(path, st.st_mtime)
-        return path, st.st_size
+        return st.st_size
 
     def open(self, digest: Digest) -> OpenBlob | None:
         """The committed blob, held open, its use recorded; None when not cached.
@@ -456,9 +431,26 @@ class BlobStore:
             raise
         return OpenBlob(fd, st.st_size, path)
 
-    @property
-    def active_downloads(self) -> int:
-        return len(self._downloads)
+    def remove(self, digest: Digest) -> bool:
+        """Remove the committed blob; True when there was one. A reader holding
+        it open keeps its bytes (POSIX frees them with the last descriptor)."""
+        try:
+            self.layout.blob(digest).unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    def digests(self) -> Iterator[Digest]:
+        for kind, digest, _, _ in self.layout.walk():
+            if kind == "blob":
+                yield digest
+
+    def state(self) -> str:
+        """ "writable", "full" (no space: served, not kept) or "not writable"."""
+        state = self.layout.probe()
+        if state == "writable" and self.failures.full:
+            return "full"  # a blob did not fit since the last one that did
+        return state
 
     def track(self, digest: Digest, fetch: Fetch, *, committed: bool = False) -> Tracker | None:
         """Follow the download of ``digest``, starting it here if nobody runs one.

@@ -34,3 +34,9 @@ class SizeMismatch(CacheError):
 
 class DownloadFailed(CacheError):
     """The download a reader was following was abandoned before it was committed."""
+
+
+class Abandoned(DownloadFailed):
+    """The writer in another process went away without committing: its disk was
+    full (it goes on in pass-through for its own readers only), the bytes were
+    wrong, or it crashed. A reader may go on with a download of its own."""

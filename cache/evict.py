@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cache.digests import Digest
-from cache.errors import InvalidDigest
 from cache.layout import Layout
 
 TOUCH_SECONDS = 20.0
@@ -58,19 +57,8 @@ class Entry:
 def entries(layouts: Iterable[Layout]) -> Iterator[Entry]:
     """Every committed blob and manifest."""
     for layout in layouts:
-        for kind, folder in (("blob", "blobs"), ("manifest", "manifests")):
-            top = layout.root / folder
-            if not top.is_dir():
-                continue
-            for algorithm in top.iterdir():
-                for shard in algorithm.iterdir() if algorithm.is_dir() else ():
-                    for path in shard.iterdir() if shard.is_dir() else ():
-                        try:
-                            digest = Digest.parse(f"{algorithm.name}:{path.name}")
-                            st = path.stat()
-                        except (InvalidDigest, FileNotFoundError):
-                            continue
-                        yield Entry(path, kind, digest, st.st_size, st.st_mtime)
+        for kind, digest, path, st in layout.walk():
+            yield Entry(path, kind, digest, st.st_size, st.st_mtime)
 
 
 @dataclass

@@ -8,7 +8,7 @@ digests that parse are followed, so a hostile manifest cannot name a path.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cache.digests import Digest
@@ -121,13 +121,6 @@ def platform_wanted(child: Descriptor, platforms: frozenset[str]) -> bool:
     if child.platform is None or child.platform.startswith("unknown/"):
         return True  # attestations and the like ride along
     return any(child.platform == p or child.platform.startswith(p + "/") for p in platforms)
-
-
-def walk_digests(manifest: StoredManifest) -> Iterator[Digest]:
-    for d in children(manifest):
-        yield d.digest
-    for d in blobs(manifest):
-        yield d.digest
 
 
 def _load(data: bytes) -> dict[str, object] | None:

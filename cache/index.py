@@ -80,11 +80,7 @@ class TagIndex:
         return f"tag\0{upstream}\0{repository}\0{tag}\0{accept}"
 
     async def get(self, upstream: str, repository: str, tag: str, accept: str) -> TagEntry | None:
-        raw = await asyncio.to_thread(self._cache.get, self._key(upstream, repository, tag, accept))
-        if not isinstance(raw, tuple) or len(raw) != 3:
-            return None
-        digest, media_type, fetched_at = raw
-        return TagEntry(str(digest), str(media_type), float(fetched_at))
+        return await asyncio.to_thread(self.get_sync, upstream, repository, tag, accept)
 
     async def put(
         self, upstream: str, repository: str, tag: str, accept: str, entry: TagEntry

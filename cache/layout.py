@@ -15,9 +15,9 @@ The whole on-disk layout, in one place::
       tmp/import-<random>/                     an import's staging folder, locked by it
       tmp/probe-<pid>-<random>.tmp             /readyz's write test, removed at once
                                                (also when the write failed)
-      index/                                   diskcache: (upstream name, repository,
-                                               tag, accept) -> (digest, media type,
-                                               time fetched); pins
+      index/                                   diskcache: tag entries, (upstream name,
+                                               repository, tag, accept) -> (digest,
+                                               media type, time fetched), and the pins
       index/listings/                          diskcache: tag list pages (bounded, LRU)
       upstreams.json, upstreams/<name>/        the upstreams a server ran with, and the
                                                stores of those with credentials
@@ -44,10 +44,12 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from cache.digests import Digest
+from cache.errors import InvalidDigest
 
 
 @dataclass(frozen=True)
@@ -57,10 +59,6 @@ class Layout:
     @property
     def tmp(self) -> Path:
         return self.root / "tmp"
-
-    @property
-    def index(self) -> Path:
-        return self.root / "index"
 
     @property
     def quarantine(self) -> Path:
@@ -106,20 +104,32 @@ class Layout:
     def writable(self) -> bool:
         return self.probe() == "writable"
 
+    def walk(self) -> Iterator[tuple[str, Digest, Path, os.stat_result]]:
+        """Every committed blob and manifest: (kind, digest, path, stat), kind
+        being "blob" or "manifest". Walks the tree, so not for hot paths."""
+        for kind, folder in (("blob", "blobs"), ("manifest", "manifests")):
+            top = self.root / folder
+            if not top.is_dir():
+                continue
+            for algorithm in top.iterdir():
+                for shard in algorithm.iterdir() if algorithm.is_dir() else ():
+                    for path in shard.iterdir() if shard.is_dir() else ():
+                        try:
+                            digest = Digest.parse(f"{algorithm.name}:{path.name}")
+                            st = path.stat()
+                        except (InvalidDigest, FileNotFoundError):
+                            continue  # not ours, or removed while we looked
+                        yield kind, digest, path, st
+
     def usage(self) -> tuple[int, int, int]:
         """(bytes, blobs, manifests) committed; walks the tree, so not for hot paths."""
         size = blobs = manifests = 0
-        for kind in ("blobs", "manifests"):
-            for dirpath, _, files in os.walk(self.root / kind):
-                for name in files:
-                    try:
-                        size += (Path(dirpath) / name).stat().st_size
-                    except FileNotFoundError:
-                        continue  # removed while we looked
-                    if kind == "blobs":
-                        blobs += 1
-                    else:
-                        manifests += 1
+        for kind, _, _, st in self.walk():
+            size += st.st_size
+            if kind == "blob":
+                blobs += 1
+            else:
+                manifests += 1
         return size, blobs, manifests
 
     def create(self) -> None:

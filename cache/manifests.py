@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from cache.digests import Digest
 from cache.errors import DigestMismatch
 from cache.evict import TOUCH_SECONDS, touch_if_stale
 from cache.layout import Layout, write_atomic
+from cache.mediatypes import MEDIA_TYPE
 from cache.quarantine import Corrupt, quarantine, report
 from cache.space import WriteFailures
 
@@ -31,11 +31,6 @@ class StoredManifest:
     media_type: str
     data: bytes
 
-
-# RFC 6838 type/subtype, as registries send them (parameters are never stored).
-_MEDIA_TYPE = re.compile(
-    rb"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
-)
 
 # Manifests are immutable by digest, so a copy in memory is never stale; this bounds it.
 MEMORY_BYTES = 16 << 20
@@ -138,11 +133,6 @@ class ManifestStore:
         self._touched.setdefault(manifest.digest, time.time())
 
 
-def is_media_type(value: str) -> bool:
-    """True for an RFC 6838 ``type/subtype`` that a manifest record can hold."""
-    return value.isascii() and _MEDIA_TYPE.fullmatch(value.encode()) is not None
-
-
 def _damage(digest: Digest, media_type: bytes, newline: bytes, data: bytes) -> str | None:
     """What is wrong with a manifest record read from disk, or None.
 
@@ -152,7 +142,7 @@ def _damage(digest: Digest, media_type: bytes, newline: bytes, data: bytes) -> s
     """
     if not newline:
         return "no media type line"
-    if not _MEDIA_TYPE.fullmatch(media_type):
+    if not MEDIA_TYPE.fullmatch(media_type):
         return "the media type line is damaged"
     actual = Digest.of(data, digest.algorithm)
     if actual != digest:

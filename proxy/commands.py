@@ -26,13 +26,14 @@ from cache.digests import Digest
 from cache.errors import CacheError, InvalidDigest
 from cache.index import TagEntry
 from cache.layout import Layout
+from cache.mediatypes import DOCKER_LIST, OCI_INDEX
 from cache.quarantine import Corrupt
 from cache.scrub import total_bytes, verify_all
 from proxy import tools
 from proxy.config import Settings
 from proxy.errors import RegistryError
 from proxy.housekeeping import Housekeeper
-from proxy.mirror import ANY_CLIENT, DOCKER_LIST, OCI_INDEX
+from proxy.mirror import ANY_CLIENT
 from proxy.names import ImageRef
 from proxy.stats import human
 

@@ -33,20 +33,23 @@ def describe_failure(
         return f"TLS certificate of {at} not accepted: {_reason(exc.certificate_error)}"
     if isinstance(exc, aiohttp.ClientConnectorError):
         return f"cannot connect to {at}: {_reason(exc.os_error)}"
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return f"cannot connect to {at}: timed out{_after(connect_timeout)}"
-    if isinstance(exc, aiohttp.SocketTimeoutError):
-        return f"{at} sent nothing{_for(read_timeout)}"
-    if isinstance(exc, TimeoutError):
-        return f"{at} did not answer in full{_within(total_timeout)}"
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return f"{at} closed the connection"
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return f"{at} sent a broken body"
-    if isinstance(exc, aiohttp.InvalidURL):
-        return f"unusable URL for {at}"
     if isinstance(exc, aiohttp.ClientResponseError):
         return f"{at} sent an invalid answer ({exc.message})"
+    # The first kind that matches: aiohttp's own timeouts before TimeoutError.
+    plain: tuple[tuple[type[BaseException], str], ...] = (
+        (
+            aiohttp.ConnectionTimeoutError,
+            f"cannot connect to {at}: timed out{_after(connect_timeout)}",
+        ),
+        (aiohttp.SocketTimeoutError, f"{at} sent nothing{_for(read_timeout)}"),
+        (TimeoutError, f"{at} did not answer in full{_within(total_timeout)}"),
+        (aiohttp.ServerDisconnectedError, f"{at} closed the connection"),
+        (aiohttp.ClientPayloadError, f"{at} sent a broken body"),
+        (aiohttp.InvalidURL, f"unusable URL for {at}"),
+    )
+    for kind, words in plain:
+        if isinstance(exc, kind):
+            return words
     if isinstance(exc, OSError):
         return f"connection to {at} failed: {_reason(exc)}"
     return f"connection to {at} failed ({type(exc).__name__})"

@@ -32,6 +32,8 @@ SUMMARIES = 10
 # 8 KiB through); registry paths are far shorter.
 LOGGED_PATH = 512
 
+# What a request's source (proxy/keys.py SOURCE) is called in the access log
+# and in pullthrough_requests_total's result label.
 RESULTS = {"cache": "hit", "stale": "stale", "upstream": "miss"}
 QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 

@@ -1,7 +1,11 @@
 """The mirror: manifests and blobs from the cache, or from the upstream into the cache.
 
-Like distribution's ``registry/proxy`` stores, this wraps the same operations local
-storage offers, so the route handlers never know where content came from.
+Like distribution's ``registry/proxy`` stores, it answers every request with a
+value the route handler only renders: a manifest's bytes, a blob held open in the
+cache (``BlobHit``) or a blob read as it downloads (``BlobStream``). Following a
+download, retrying one that another worker abandoned and counting coalesced
+requests happen here; the handlers never see the storage underneath, which is
+reached only through the Protocols of ``cache/storage.py``.
 """
 
 from __future__ import annotations
@@ -11,18 +15,33 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 
-from cache.blobs import BlobSink, BlobStore, OpenBlob, Tracker
 from cache.digests import Digest
-from cache.errors import DigestMismatch
-from cache.index import Listing, TagEntry, TagIndex
-from cache.inflight import SingleFlight
-from cache.manifests import ManifestStore, StoredManifest, is_media_type
+from cache.errors import Abandoned, DigestMismatch, DownloadFailed
+from cache.index import Listing, TagEntry
+from cache.manifests import StoredManifest
+from cache.mediatypes import (
+    DOCKER_LIST,
+    DOCKER_MANIFEST,
+    MANIFESTS,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    implied,
+    is_media_type,
+)
+from cache.storage import (
+    BlobStorage,
+    DownloadSink,
+    HeldBlob,
+    ManifestStorage,
+    TagStorage,
+    Tracker,
+)
 from metrics import Metrics
 from proxy.config import DOCKER_HUB_ALIASES
 from proxy.errors import (
@@ -34,6 +53,7 @@ from proxy.errors import (
     UpstreamInvalid,
     UpstreamUnavailable,
 )
+from proxy.inflight import SingleFlight
 from proxy.names import Reference
 from proxy.upstream import UpstreamClient, raise_for_status
 
@@ -41,15 +61,11 @@ log = logging.getLogger(__name__)
 
 PROBE_SECONDS = 30.0
 FETCH_BATCH = 1 << 20
+# How often a blob GET may start over when the download it followed in another
+# process was abandoned before sending it anything, or after (then it resumes).
+FOLLOW_ATTEMPTS = 3
 # distribution refuses manifests over 4 MiB; so do we, to bound memory.
 MAX_MANIFEST_BYTES = 4 << 20
-
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_V1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
-DOCKER_V1 = "application/vnd.docker.distribution.manifest.v1+json"
 
 
 def manifest_media_type(content_type: str | None, data: bytes) -> str:
@@ -72,12 +88,9 @@ def manifest_media_type(content_type: str | None, data: bytes) -> str:
         media_type = doc.get("mediaType")
         if isinstance(media_type, str) and is_media_type(media_type):
             return media_type
-        if doc.get("schemaVersion") == 1:
-            return DOCKER_V1_SIGNED if "signatures" in doc else DOCKER_V1
-        if "manifests" in doc:
-            return OCI_INDEX
-        if "config" in doc:
-            return OCI_MANIFEST
+        shaped = implied(doc)
+        if shaped is not None:
+            return shaped
     return declared or "application/json"
 
 
@@ -90,9 +103,7 @@ ACCEPT_ALL = (OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST)
 # The manifest media types the mirror tells apart. Anything else a client lists in
 # Accept is dropped: it cannot change what a registry answers, and keying on it would
 # let each client grow the tag index with values of its choosing.
-KNOWN_TYPES = frozenset(
-    {OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST, DOCKER_V1_SIGNED, DOCKER_V1}
-)
+KNOWN_TYPES = MANIFESTS
 # "*/*" or "application/*": the client takes anything. Kept (as "*/*") because some
 # registries answer it with an index where a bare Accept gets a single manifest.
 ANY_TYPE = "*/*"
@@ -178,9 +189,9 @@ class Mirror:
     def __init__(
         self,
         upstream: UpstreamClient,
-        blobs: BlobStore,
-        manifests: ManifestStore,
-        tags: TagIndex,
+        blobs: BlobStorage,
+        manifests: ManifestStorage,
+        tags: TagStorage,
         metrics: Metrics,
         *,
         tag_ttl: float = 300.0,
@@ -413,10 +424,7 @@ class Mirror:
 
     async def cache_state(self) -> str:
         """ "writable", "full" (no space: served, not kept) or "not writable"."""
-        state = await asyncio.to_thread(self.blobs.layout.probe)
-        if state == "writable" and self.blobs.failures.full:
-            return "full"  # a blob did not fit since the last one that did
-        return state
+        return await asyncio.to_thread(self.blobs.state)
 
     # -- tag listings -------------------------------------------------------------
 
@@ -450,12 +458,39 @@ class Mirror:
 
     # -- blobs ------------------------------------------------------------------
 
-    def blob_hit(self, digest: Digest) -> tuple[Path, int] | None:
-        return self.blobs.hit(digest)
+    async def blob(self, repository: str, digest: Digest) -> BlobHit | BlobStream:
+        """A blob GET: the cached file held open, or a stream of the download.
 
-    def blob_open(self, digest: Digest) -> OpenBlob | None:
-        """The cached blob held open (eviction cannot take it now), or None."""
-        return self.blobs.open(digest)
+        A download that fails before it has an answer from the upstream raises
+        (the client gets an error); one this mirror only followed (another worker
+        ran it) and that was abandoned is tried again, ours this time.
+        """
+        for attempt in range(1, FOLLOW_ATTEMPTS + 1):
+            held = self.blobs.open(digest)
+            if held is not None:
+                return BlobHit(held)
+            # Not cached (or evicted just now): from the upstream.
+            tracker = self.blob_download(repository, digest)
+            if tracker is None:
+                continue  # committed in the meantime
+            try:
+                size = await tracker.size()
+            except DownloadFailed:
+                tracker.close()
+                if attempt == FOLLOW_ATTEMPTS:
+                    raise
+                continue
+            except BaseException:
+                tracker.close()
+                raise
+            if tracker.joined:
+                self.metrics.coalesced.labels("blob").inc()
+            return BlobStream(self, repository, digest, tracker, size)
+        raise DownloadFailed(f"could not follow the download of {digest}")
+
+    def blob_hit(self, digest: Digest) -> int | None:
+        """The cached blob's size (its use recorded), or None."""
+        return self.blobs.hit(digest)
 
     def blob_download(
         self, repository: str, digest: Digest, *, committed: bool = False
@@ -466,7 +501,7 @@ class Mirror:
         if self.offline:
             raise BlobUnknown(f"{digest} is not cached (offline mode)")
 
-        async def fetch(sink: BlobSink) -> None:
+        async def fetch(sink: DownloadSink) -> None:
             self.metrics.downloads_in_flight.inc()
             try:
                 resp = await self.upstream.request("GET", repository, "blobs", str(digest))
@@ -482,9 +517,9 @@ class Mirror:
         return self.blobs.track(digest, fetch, committed=committed)
 
     async def blob_head(self, repository: str, digest: Digest) -> BlobHead:
-        hit = self.blobs.stat(digest)
-        if hit is not None:
-            return BlobHead(hit[1], "cache")
+        size = self.blobs.stat(digest)
+        if size is not None:
+            return BlobHead(size, "cache")
         if self.offline:
             raise BlobUnknown(f"{digest} is not cached (offline mode)")
         resp = await self.upstream.request("HEAD", repository, "blobs", str(digest))
@@ -493,6 +528,74 @@ class Mirror:
             return BlobHead(resp.content_length, "upstream")
         finally:
             resp.release()
+
+    async def settle(self) -> None:
+        """Wait until the blob downloads running now have finished (committed or not)."""
+        await self.blobs.settle()
+
+
+class BlobHit:
+    """A cached blob, held open until ``close``: eviction cannot take it meanwhile."""
+
+    def __init__(self, held: HeldBlob) -> None:
+        self._held = held
+        self.size = held.size
+
+    @property
+    def path(self) -> Path:
+        """A path that opens this very file while it is held, also once evicted."""
+        return self._held.serve_path
+
+    def close(self) -> None:
+        self._held.close()
+
+
+class BlobStream:
+    """A blob being downloaded, read while it arrives.
+
+    ``size`` is what the upstream announced (None: not said). A failed download
+    ends ``read`` with its error once the bytes before it were given: the last
+    byte always waits until the whole blob is verified.
+    """
+
+    def __init__(
+        self, mirror: Mirror, repository: str, digest: Digest, tracker: Tracker, size: int | None
+    ) -> None:
+        self.size = size
+        self._mirror = mirror
+        self._repository = repository
+        self._digest = digest
+        self._tracker = tracker
+
+    async def read(self, start: int, stop: int | None) -> AsyncGenerator[bytes, None]:
+        """Bytes ``start`` to ``stop`` (exclusive; None: to the end)."""
+        pos = start
+        try:
+            for attempt in range(1, FOLLOW_ATTEMPTS + 1):
+                try:
+                    async for chunk in self._tracker.read(pos, stop):
+                        pos += len(chunk)
+                        yield chunk
+                    return
+                except Abandoned:
+                    # The worker whose download we followed gave it up (its disk
+                    # full, or it died): go on from here with one of our own. What
+                    # was given stays valid: the last byte still waits for a digest.
+                    if attempt == FOLLOW_ATTEMPTS:
+                        raise
+                    self._tracker.close()
+                    again = self._mirror.blob_download(
+                        self._repository, self._digest, committed=True
+                    )
+                    assert again is not None  # asked with committed=True
+                    self._tracker = again
+                    await again.size()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Done with it (also unread): the download goes on without this reader."""
+        self._tracker.close()
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -11,9 +12,9 @@ from typing import IO, Any
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
-from cache.blobs import Abandoned, OpenBlob, Tracker
 from cache.digests import Digest
-from cache.errors import DownloadFailed, InvalidDigest, UnsupportedDigest
+from cache.errors import InvalidDigest, UnsupportedDigest
+from metrics import CONTENT_TYPE
 from proxy import names
 from proxy.errors import (
     ManifestUnknown,
@@ -24,7 +25,8 @@ from proxy.errors import (
     UpstreamUnknown,
 )
 from proxy.keys import ABORTED, BODY_BYTES, METRICS, MIRRORS, NAMESPACE, SOURCE
-from proxy.mirror import ManifestAnswer, Mirror
+from proxy.logs import RESULTS
+from proxy.mirror import BlobHit, BlobStream, ManifestAnswer, Mirror
 from proxy.names import Reference
 
 log = logging.getLogger(__name__)
@@ -33,15 +35,11 @@ API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 _ROUTE = re.compile(r"^(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<ref>[^/]+)$")
 _TAGS = re.compile(r"^(?P<name>.+)/tags/list$")
 _UPLOADS = re.compile(r"^.+/blobs/uploads(/.*)?$")
-_RESULT = {"cache": "hit", "stale": "stale", "upstream": "miss"}
 MAX_TAGS_PAGE = 10_000
 # ASCII digits only (str.isdigit() also takes "²"), and few enough for int().
 _NUMBER = re.compile(r"^[0-9]{1,9}$")
 # How much of a client's input an error message repeats.
 MAX_ECHO = 256
-# How often a reader may start over when the download it followed in another
-# process was abandoned before sending it anything.
-FOLLOW_ATTEMPTS = 3
 
 
 async def ping(request: web.Request) -> web.Response:
@@ -50,7 +48,7 @@ async def ping(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     body = await asyncio.to_thread(request.app[METRICS].exposition)
-    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 async def registry(request: web.Request) -> web.StreamResponse:
@@ -81,7 +79,7 @@ async def registry(request: web.Request) -> web.StreamResponse:
         raise
     finally:
         metrics.duration.labels(kind).observe(time.monotonic() - started)
-    result = "error" if request.get(ABORTED) else _RESULT.get(request.get(SOURCE, ""), "miss")
+    result = "error" if request.get(ABORTED) else RESULTS.get(request.get(SOURCE, ""), "miss")
     metrics.requests.labels(kind, result).inc()
     return response
 
@@ -198,29 +196,15 @@ async def blob(
         if head.size is not None:
             headers["Content-Length"] = str(head.size)
         return web.Response(headers=headers)
-    for attempt in range(1, FOLLOW_ATTEMPTS + 1):
-        hit = mirror.blob_open(digest)
-        if hit is not None:
-            request[SOURCE] = "cache"
-            return _HeldFileResponse(hit, headers=_blob_headers(digest))
-        # Not cached (or evicted just now): from the upstream.
-        tracker = mirror.blob_download(repository, digest)
-        if tracker is None:
-            continue  # committed in the meantime
-        try:
-            try:
-                size = await tracker.size()
-            except DownloadFailed:
-                if attempt == FOLLOW_ATTEMPTS:
-                    raise
-                continue
-            request[SOURCE] = "upstream"
-            if tracker.joined:
-                request.app[METRICS].coalesced.labels("blob").inc()
-            return await _stream(request, mirror, repository, digest, tracker, size)
-        finally:
-            tracker.close()
-    raise DownloadFailed(f"could not follow the download of {digest}")
+    answer = await mirror.blob(repository, digest)
+    if isinstance(answer, BlobHit):
+        request[SOURCE] = "cache"
+        return _HeldFileResponse(answer, headers=_blob_headers(digest))
+    request[SOURCE] = "upstream"
+    try:
+        return await _stream(request, digest, answer)
+    finally:
+        answer.close()
 
 
 class SentFileResponse(web.FileResponse):
@@ -245,8 +229,8 @@ class _HeldFileResponse(SentFileResponse):
     the meantime cannot take the file away. sendfile, Range and conditional
     requests come with FileResponse; the descriptor is closed once it is sent."""
 
-    def __init__(self, blob: OpenBlob, headers: dict[str, str]) -> None:
-        super().__init__(blob.serve_path, headers=headers)
+    def __init__(self, blob: BlobHit, headers: dict[str, str]) -> None:
+        super().__init__(blob.path, headers=headers)
         self._blob = blob
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
@@ -256,43 +240,23 @@ class _HeldFileResponse(SentFileResponse):
             self._blob.close()
 
 
-async def _stream(
-    request: web.Request,
-    mirror: Mirror,
-    repository: str,
-    digest: Digest,
-    tracker: Tracker,
-    size: int | None,
-) -> web.StreamResponse:
+async def _stream(request: web.Request, digest: Digest, blob: BlobStream) -> web.StreamResponse:
     """Send a blob while it downloads; a failed download ends the response short."""
-    start, stop = 0, size
+    start, stop = 0, blob.size
     response = web.StreamResponse(headers=_blob_headers(digest))
-    if size is not None and request.headers.get("Range"):
-        start, stop = _byte_range(request, size)
+    if blob.size is not None and request.headers.get("Range"):
+        start, stop = _byte_range(request, blob.size)
         response.set_status(206)
-        response.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
+        response.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{blob.size}"
     if stop is not None:
         response.content_length = stop - start
     request[BODY_BYTES] = 0
-    pos = start
     try:
         await response.prepare(request)
-        for attempt in range(1, FOLLOW_ATTEMPTS + 1):
-            try:
-                async for chunk in tracker.read(pos, stop):
-                    await response.write(chunk)
-                    pos += len(chunk)
-                    request[BODY_BYTES] += len(chunk)
-                break
-            except Abandoned:
-                # The worker whose download we followed gave it up (its disk
-                # full, or it died): go on from here with one of our own. What
-                # was sent stays valid: the last byte still waits for a digest.
-                if attempt == FOLLOW_ATTEMPTS:
-                    raise
-                tracker.close()
-                tracker = _must(mirror.blob_download(repository, digest, committed=True))
-                await tracker.size()
+        async with contextlib.aclosing(blob.read(start, stop)) as chunks:
+            async for chunk in chunks:
+                await response.write(chunk)
+                request[BODY_BYTES] += len(chunk)
     except Exception as exc:
         transport = request.transport
         if isinstance(exc, ConnectionError) and (transport is None or transport.is_closing()):
@@ -307,15 +271,8 @@ async def _stream(
                 transport.abort()
         # Returned, not raised: aiohttp logs a handler's exception with a traceback.
         return response
-    finally:
-        tracker.close()
     await response.write_eof()
     return response
-
-
-def _must(tracker: Tracker | None) -> Tracker:
-    assert tracker is not None  # asked with committed=True
-    return tracker
 
 
 def _byte_range(request: web.Request, size: int) -> tuple[int, int]:

@@ -37,21 +37,20 @@ from cache.evict import entries
 from cache.index import TagIndex
 from cache.layout import Layout
 from cache.manifests import ManifestStore, StoredManifest
-from metrics import Metrics
-from proxy.app import Resources, index_dir, known_upstreams, open_mirrors, rekey_tags
-from proxy.config import Settings
-from proxy.errors import RegistryError
-from proxy.housekeeping import Housekeeper, pin_all
-from proxy.mirror import (
-    ACCEPT_ALL,
+from cache.mediatypes import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
     DOCKER_V1,
     DOCKER_V1_SIGNED,
     OCI_INDEX,
     OCI_MANIFEST,
-    Mirror,
 )
+from metrics import Metrics
+from proxy.app import Resources, index_dir, known_upstreams, open_mirrors, rekey_tags
+from proxy.config import Settings
+from proxy.errors import RegistryError
+from proxy.housekeeping import Housekeeper, pin_all
+from proxy.mirror import ACCEPT_ALL, Mirror
 from proxy.names import ImageRef, Reference
 from proxy.stats import human
 
@@ -158,7 +157,7 @@ async def _warm_one(
             summary.fetched_bytes += got or size or 0
 
     await asyncio.gather(*(fetch(d, s) for d, s in missing.items()))
-    await mirror.blobs.settle()  # what was fetched is durable before we say so
+    await mirror.settle()  # what was fetched is durable before we say so
 
 
 async def _manifest(mirror: Mirror, repository: str, reference: Reference) -> StoredManifest:

@@ -25,7 +25,7 @@ from aiohttp.tracing import Trace
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.auth import Credentials, TokenAuth, parse_challenge
+from proxy.auth import Challenge, Credentials, TokenAuth, parse_challenge
 from proxy.config import Settings, UpstreamSettings
 from proxy.errors import (
     BlobUnknown,
@@ -267,7 +267,6 @@ class UpstreamClient:
         self.options = options or UpstreamOptions()
         self._on_response = on_response
         self._on_redirect = on_redirect
-        self.ratelimit: RateLimit | None = None
         self._on_ratelimit = on_ratelimit
         self._session = session
         # An upstream on an internal address may redirect inside the network;
@@ -376,27 +375,28 @@ class UpstreamClient:
         """Learn the upstream's auth challenge from ``GET /v2/`` ahead of the first
         pull, which then needs no 401 round trip. Failures are left for later."""
         with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-            async with self._session.get(
-                self.base.with_path("/v2/"),
-                timeout=aiohttp.ClientTimeout(total=PING_SECONDS),
-                allow_redirects=False,
-            ) as resp:
-                self._on_response("GET", resp.status)
-                challenge = parse_challenge(resp.headers.getall("WWW-Authenticate", []))
-                if resp.status == 401 and challenge is not None:
-                    self.auth.learn(challenge)
-        return
+            status, challenge = await self._root()
+            self._on_response("GET", status)
+            if status == 401 and challenge is not None:
+                self.auth.learn(challenge)
 
     async def ping(self) -> int:
         """The status ``GET /v2/`` answers with (401 counts as reachable)."""
-        url = self.base.with_path("/v2/")
         try:
-            async with self._session.get(
-                url, timeout=aiohttp.ClientTimeout(total=PING_SECONDS), allow_redirects=False
-            ) as resp:
-                return resp.status
+            status, _ = await self._root()
         except (aiohttp.ClientError, TimeoutError) as exc:
+            url = self.base.with_path("/v2/")
             raise UpstreamUnavailable(self.failure(exc, url, total=PING_SECONDS)) from exc
+        return status
+
+    async def _root(self) -> tuple[int, Challenge | None]:
+        """``GET /v2/``: the status and the auth challenge. aiohttp's errors pass."""
+        async with self._session.get(
+            self.base.with_path("/v2/"),
+            timeout=aiohttp.ClientTimeout(total=PING_SECONDS),
+            allow_redirects=False,
+        ) as resp:
+            return resp.status, parse_challenge(resp.headers.getall("WWW-Authenticate", []))
 
     async def _send(
         self,
@@ -414,19 +414,12 @@ class UpstreamClient:
             sent["Authorization"] = authorization
         total = None if limits is None else limits.total
         try:
-            resp = await self._session.request(
-                method,
-                url,
-                headers=sent,
-                allow_redirects=False,
-                timeout=limits or self._session.timeout,
-            )
+            resp = await _one_hop(self._session, method, url, sent, limits)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise UpstreamUnavailable(self.failure(exc, url, total=total)) from exc
         self._on_response(method, resp.status)
         ratelimit = parse_ratelimit(resp.headers)
         if ratelimit is not None:
-            self.ratelimit = ratelimit
             self._on_ratelimit(ratelimit)
         hops = 0
         while resp.status in REDIRECTS and "Location" in resp.headers:
@@ -459,13 +452,7 @@ class UpstreamClient:
             url = target
             # No Authorization, ever: the upstream's token is for the upstream.
             try:
-                resp = await self._redirect_session.request(
-                    method,
-                    url,
-                    headers=headers,
-                    allow_redirects=False,
-                    timeout=limits or self._redirect_session.timeout,
-                )
+                resp = await _one_hop(self._redirect_session, method, url, headers, limits)
             except UnsafeAddress as exc:
                 self._on_redirect("refused")
                 cause = f"redirect to {where(url)} refused: {exc}"
@@ -565,3 +552,16 @@ async def raise_for_status(resp: aiohttp.ClientResponse, kind: str, reference: s
     else:
         error = UpstreamUnavailable(detail)
     raise error
+
+
+async def _one_hop(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: URL,
+    headers: CIMultiDict[str],
+    limits: aiohttp.ClientTimeout | None,
+) -> aiohttp.ClientResponse:
+    """One request, redirects not followed: the caller checks each one."""
+    return await session.request(
+        method, url, headers=headers, allow_redirects=False, timeout=limits or session.timeout
+    )

@@ -81,7 +81,7 @@ async def pull_blob(client: Client, image: Image, blob: Blob) -> tuple[int, str,
 
 async def settle(client: Client) -> None:
     for mirror in client.app[MIRRORS]:
-        await mirror.blobs.settle()
+        await mirror.settle()
 
 
 async def metric(client: Client, name: str, **labels: str) -> float:

@@ -33,7 +33,7 @@ async def cached_hello(upstream: Registry, tmp_path: Path, make: Any) -> tuple[C
     async with client.get(url) as resp:
         assert resp.status == 200
         assert await resp.read() == blob.data
-    await client.app[MIRRORS].default.blobs.settle()
+    await client.app[MIRRORS].default.settle()
     assert len(blob_files(tmp_path / "cache")) == 1
     return client, url, blob.data
 
@@ -66,7 +66,7 @@ async def test_a_blob_evicted_after_the_hit_is_still_sent_whole_from_the_cache(
     monkeypatch.setattr(BlobStore, "open", original)
     async with client.get(url) as resp:
         assert await resp.read() == data  # fetched again: cached again
-    await client.app[MIRRORS].default.blobs.settle()
+    await client.app[MIRRORS].default.settle()
     monkeypatch.setattr(BlobStore, "open", open_then_evict)
     async with client.get(url, headers={"Range": "bytes=10-99"}) as resp:
         assert resp.status == 206

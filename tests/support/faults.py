@@ -68,6 +68,8 @@ class FaultRegistry:
     tokens_issued: int = 0
     # The Authorization header of every token request (None: anonymous).
     token_auth: list[str | None] = field(default_factory=list)
+    # Tokens the registry no longer takes (revoked, or expired early).
+    rejected_tokens: set[str] = field(default_factory=set)
 
     def add_blob(self, data: bytes) -> str:
         digest = digest_of(data)
@@ -114,8 +116,10 @@ class FaultRegistry:
             await self.hang.wait()
 
     def _gate(self, request: web.Request) -> web.Response | None:
-        if self.require_token and not request.headers.get("Authorization", "").startswith(
-            "Bearer tok-"
+        authorization = request.headers.get("Authorization", "")
+        token = authorization.removeprefix("Bearer ")
+        if self.require_token and (
+            not authorization.startswith("Bearer tok-") or token in self.rejected_tokens
         ):
             realm = f"http://{request.host}/token"
             return web.json_response(

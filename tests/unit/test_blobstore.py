@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 
 from cache import blobs, evict
-from cache.blobs import BlobSink, BlobStore, BlobWriter, Tracker
+from cache.blobs import BlobSink, BlobStore, BlobWriter
 from cache.digests import Digest
 from cache.errors import DigestMismatch, DownloadFailed
 from cache.layout import Layout
 from cache.space import WriteFailures
+from tests.support.trackers import read_all, reading
 
 DATA = os.urandom(2 * 1024 * 1024 + 3)
 DIGEST = Digest("sha256", hashlib.sha256(DATA).hexdigest())
@@ -48,10 +49,6 @@ class Feed:
         await sink.write(self.data[half:])
 
 
-async def read_all(tracker: Tracker, start: int = 0, end: int | None = None) -> bytes:
-    return b"".join([chunk async for chunk in tracker.read(start, end)])
-
-
 async def test_followers_share_one_fetch_and_get_identical_bytes(layout: Layout) -> None:
     store = BlobStore(layout)
     feed = Feed(DATA)
@@ -64,7 +61,7 @@ async def test_followers_share_one_fetch_and_get_identical_bytes(layout: Layout)
     assert [await r for r in readers] == [DATA] * 5
     assert feed.calls == 1
     await store.settle()  # readers finish once verified; the commit follows
-    assert store.stat(DIGEST) == (layout.blob(DIGEST), len(DATA))
+    assert store.stat(DIGEST) == len(DATA)
     assert store.track(DIGEST, feed) is None  # committed: serve the file
     assert list(layout.tmp.iterdir()) == []
 
@@ -81,7 +78,7 @@ async def test_wrong_bytes_are_discarded_and_readers_fail(layout: Layout) -> Non
     assert list(layout.tmp.iterdir()) == []
 
 
-async def test_reader_never_gets_the_last_byte_before_commit(layout: Layout) -> None:
+async def test_reader_never_gets_the_last_byte_before_verification(layout: Layout) -> None:
     store = BlobStore(layout)
     gate = asyncio.Event()
 
@@ -92,13 +89,7 @@ async def test_reader_never_gets_the_last_byte_before_commit(layout: Layout) -> 
 
     tracker = store.track(DIGEST, fetch)
     assert tracker is not None
-    got = bytearray()
-
-    async def read() -> None:
-        async for chunk in tracker.read(0, None):
-            got.extend(chunk)
-
-    reader = asyncio.create_task(read())
+    reader, got = reading(tracker)
     await asyncio.sleep(0.1)
     assert len(got) == len(DATA) - 1
     gate.set()
@@ -143,11 +134,21 @@ async def test_a_second_process_sees_an_abandoned_download(layout: Layout) -> No
     assert first.stat(DIGEST) is None
 
 
-def test_stale_partials_are_removed_but_live_ones_kept(layout: Layout) -> None:
+async def test_stale_partials_are_removed_but_live_ones_kept(layout: Layout) -> None:
     stale = layout.partial(DIGEST)
     stale.write_bytes(b"half of something")
     layout.size_file(DIGEST).write_text("100")
+    store = BlobStore(layout)
+    live = Digest("sha256", "0" * 64)
+    tracker = store.track(live, Feed(b"x" * 10))
+    assert tracker is not None
+    await tracker.size()  # its writer holds the lock on tmp/<live>.partial
     assert BlobStore(layout).remove_stale() == 1
+    assert sorted(p.name for p in layout.tmp.iterdir()) == sorted(
+        [layout.partial(live).name, layout.size_file(live).name]
+    )
+    tracker.close()
+    await store.close()
     assert list(layout.tmp.iterdir()) == []
 
 
@@ -258,13 +259,7 @@ async def test_pass_through_keeps_the_last_byte_until_verified_and_fails_on_bad_
     fetch.gate.clear()
     tracker = store.track(DIGEST, fetch)
     assert tracker is not None
-    got = bytearray()
-
-    async def read() -> None:
-        async for chunk in tracker.read(0, None):
-            got.extend(chunk)
-
-    reader = asyncio.create_task(read())
+    reader, got = reading(tracker)
     await asyncio.sleep(0.05)
     assert 0 < len(got) < len(DATA)
     fetch.gate.set()
@@ -313,8 +308,12 @@ async def test_pass_through_nobody_reads_any_more_stops_the_fetch(
     await stream.aclose()  # the client went away
     await store.settle()
     assert fetch.sent < len(DATA)
-    assert store.active_downloads == 0
     assert list(layout.tmp.iterdir()) == []
+    # Forgotten: the next request starts a download of its own.
+    again = store.track(DIGEST, Chunks(DATA, 50_000))
+    assert again is not None
+    assert not again.joined
+    await store.close()
 
 
 async def test_a_full_disk_is_freed_once_and_the_write_retried(
@@ -335,7 +334,7 @@ async def test_a_full_disk_is_freed_once_and_the_write_retried(
     await store.settle()
     assert refused == [1_200_000]
     assert asked == [len(DATA) - 1_200_000]  # what the rest of the blob needs
-    assert store.stat(DIGEST) == (layout.blob(DIGEST), len(DATA))
+    assert store.stat(DIGEST) == len(DATA)
     assert reasons == []
 
 

@@ -11,12 +11,10 @@ from pathlib import Path
 import pytest
 
 from cache.index import Listing, TagEntry, TagIndex
+from cache.mediatypes import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX
 from proxy.logs import RateLimit
 from proxy.mirror import (
-    DOCKER_LIST,
-    DOCKER_MANIFEST,
     KNOWN_TYPES,
-    OCI_INDEX,
     RecentTags,
     accept_key,
     accepted_types,

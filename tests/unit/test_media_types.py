@@ -9,8 +9,9 @@ import pytest
 
 from cache.digests import Digest
 from cache.layout import Layout
-from cache.manifests import ManifestStore, StoredManifest, is_media_type
-from proxy.mirror import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, manifest_media_type
+from cache.manifests import ManifestStore, StoredManifest
+from cache.mediatypes import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, is_media_type
+from proxy.mirror import manifest_media_type
 
 OCI_DOC = json.dumps({"schemaVersion": 2, "config": {}, "layers": []}).encode()
 

@@ -14,10 +14,6 @@ class SingleFlight(Generic[K, V]):
     def __init__(self) -> None:
         self._calls: dict[K, asyncio.Task[V]] = {}
 
-    @property
-    def active(self) -> int:
-        return len(self._calls)
-
     async def run(self, key: K, call: Callable[[], Awaitable[V]]) -> tuple[V, bool]:
         """Result of ``call()``, run once for all callers of ``key`` at a time.
 

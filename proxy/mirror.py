@@ -453,6 +453,10 @@ class Mirror:
     def blob_hit(self, digest: Digest) -> tuple[Path, int] | None:
         return self.blobs.hit(digest)
 
+    async def settle(self) -> None:
+        """Wait until what was downloaded so far is durable."""
+        await self.blobs.settle()
+
     def blob_open(self, digest: Digest) -> OpenBlob | None:
         """The cached blob held open (eviction cannot take it now), or None."""
         return self.blobs.open(digest)

@@ -9,12 +9,36 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable
+from types import TracebackType
+from typing import Self
 
 Process = subprocess.Popen[bytes]
 
 
 class ExitedEarly(RuntimeError):
     """The process exited before it answered."""
+
+
+class Service:
+    """A server a test starts and stops; ``with`` does both."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
 
 
 def free_port() -> int:

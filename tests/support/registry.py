@@ -20,12 +20,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, Protocol
 
 from tests.support import httpclient, processes
 from tests.support.images import Image, push_image
-from tests.support.processes import ExitedEarly, free_port, wait_ready
+from tests.support.processes import ExitedEarly, Service, free_port, wait_ready
 from tests.support.tokenserver import DEFAULT_SERVICE, PUSHER, TokenServer
 
 DEFAULT_BINARY = "docker-registry"
@@ -96,7 +95,7 @@ def parse_access_log(text: str) -> list[AccessLogEntry]:
     return entries
 
 
-class Registry:
+class Registry(Service):
     """A ``docker-registry serve`` process on 127.0.0.1.
 
     ``workdir`` holds ``config.yml``, ``registry.log`` (stdout+stderr, appended
@@ -285,18 +284,6 @@ class Registry:
     def restart(self, timeout: float = 20.0) -> None:
         self.stop()
         self.start(timeout)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # ------------------------------------------------------------------ logs
 

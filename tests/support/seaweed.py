@@ -30,8 +30,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -39,7 +38,7 @@ from yarl import URL
 
 from tests.support import httpclient, processes
 from tests.support.binaries import require_binary
-from tests.support.processes import free_port, wait_ready
+from tests.support.processes import Service, free_port, wait_ready
 from tests.support.registry import Registry
 from tests.support.tokenserver import TokenServer
 
@@ -183,7 +182,7 @@ def weed_binary() -> str:
     return require_binary("weed")
 
 
-class SeaweedS3:
+class SeaweedS3(Service):
     """``weed mini`` on loopback, an S3 endpoint with one bucket; see the module doc."""
 
     def __init__(self, workdir: Path, *, binary: str | None = None) -> None:
@@ -285,18 +284,6 @@ class SeaweedS3:
                 component = flag.split(".")[0]
                 with contextlib.suppress(FileNotFoundError):
                     Path(f"/tmp/seaweedfs-{component}-grpc-{port}.sock").unlink()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 class S3Registry(Registry):

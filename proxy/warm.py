@@ -39,6 +39,12 @@ class WarmSummary:
 class Watcher(Protocol):
     """Told what a warm does, as it does it."""
 
+    def begin(self) -> None:
+        """The mirrors are open: fetching begins."""
+
+    def end(self) -> None:
+        """Fetching is over (done or failed)."""
+
     def expect(self, more_bytes: int) -> None:
         """This many more bytes are to be fetched in all."""
 
@@ -65,14 +71,18 @@ async def warm(
     """Fetch images into the cache, every platform or only ``platforms``."""
     summary = WarmSummary()
     async with open_mirrors(settings, Metrics()) as resources:
-        for raw in refs:
-            try:
-                image = ImageRef.parse(raw)
-                await _warm_one(resources, image, platforms, watcher, summary)
-                summary.images += 1
-            except RegistryError as exc:
-                summary.failed.append(raw)
-                watcher.failed(raw, exc)
+        watcher.begin()
+        try:
+            for raw in refs:
+                try:
+                    image = ImageRef.parse(raw)
+                    await _warm_one(resources, image, platforms, watcher, summary)
+                    summary.images += 1
+                except RegistryError as exc:
+                    summary.failed.append(raw)
+                    watcher.failed(raw, exc)
+        finally:
+            watcher.end()
     return summary
 
 

@@ -35,8 +35,9 @@ def load(args: argparse.Namespace, settings: Settings, console: Console) -> int:
         raise CommandError(f"no such file: {archive}")
     with open_images(settings) as images:
         layout = import_store(images, read_ref_names(archive))
+        size = archive.stat().st_size
         with byte_progress(console) as progress:
-            task = progress.add_task("import", total=archive.stat().st_size)
+            task = progress.add_task("import", total=size)
             summary = import_archive(archive, layout, progress=lambda n: progress.advance(task, n))
         for image in summary.images:
             tagged = tag_import(images, image.ref_name, image.digest, image.media_type)

@@ -70,8 +70,9 @@ def _pin(args: argparse.Namespace, settings: Settings, console: Console) -> int:
 def _verify(args: argparse.Namespace, settings: Settings, console: Console) -> int:
     with open_images(settings, create=False) as images:
         layouts = images.distinct_layouts()
+        total = total_bytes(layouts)
         with byte_progress(console) as progress:
-            task = progress.add_task("verify", total=total_bytes(layouts))
+            task = progress.add_task("verify", total=total)
 
             def found(corrupt: Corrupt) -> None:
                 where = f"moved to {corrupt.moved_to}" if corrupt.moved_to else "gone meanwhile"

@@ -23,8 +23,15 @@ class _Bars:
 
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
-        self.total = progress.add_task("[bold]total", total=0)
+        self.total = TaskID(0)
         self.tasks: dict[int, TaskID] = {}
+
+    def begin(self) -> None:
+        self.progress.start()
+        self.total = self.progress.add_task("[bold]total", total=0)
+
+    def end(self) -> None:
+        self.progress.stop()
 
     def expect(self, more_bytes: int) -> None:
         self.progress.update(
@@ -51,10 +58,8 @@ def run(args: argparse.Namespace, settings: Settings, console: Console) -> int:
     _note_other_route(settings)
     started = time.monotonic()
     refs = image_args(args)
-    with byte_progress(console, eta=True) as progress:
-        summary = asyncio.run(
-            warm(settings, refs, platforms=platform_args(args), watcher=_Bars(progress))
-        )
+    bars = _Bars(byte_progress(console, eta=True))
+    summary = asyncio.run(warm(settings, refs, platforms=platform_args(args), watcher=bars))
     console.print(
         f"warmed {summary.images} image(s) in {time.monotonic() - started:.1f}s: "
         f"fetched {summary.fetched} blob(s) ({human(summary.fetched_bytes)}), "

@@ -20,13 +20,17 @@ class ExitedEarly(RuntimeError):
 
 
 class Service:
-    """A server a test starts and stops; ``with`` does both."""
+    """A server a test starts and stops; ``with`` starts it, then closes it."""
 
     def start(self) -> None:
         raise NotImplementedError
 
     def stop(self) -> None:
         raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop, and let go of whatever else it holds (by default nothing)."""
+        self.stop()
 
     def __enter__(self) -> Self:
         self.start()
@@ -38,7 +42,7 @@ class Service:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.stop()
+        self.close()
 
 
 def free_port() -> int:

@@ -39,7 +39,8 @@ from tests.support.faults import (
     digest_of,
 )
 from tests.support.images import make_image, push_images
-from tests.support.mirror import MirrorProcess, free_port
+from tests.support.mirror import MirrorProcess
+from tests.support.processes import free_port
 from tests.support.seaweed import S3Registry, SeaweedS3
 from tests.support.skopeo import Skopeo, dir_blob_digests
 from tests.support.tokenserver import TokenServer

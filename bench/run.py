@@ -31,6 +31,7 @@ from typing import Any
 
 import aiohttp
 
+from tests.support import processes
 from tests.support.binaries import require_binary
 from tests.support.images import (
     DOCKER_CONFIG,
@@ -42,7 +43,8 @@ from tests.support.images import (
     Pusher,
     make_image,
 )
-from tests.support.mirror import MirrorProcess, free_port
+from tests.support.mirror import MirrorProcess
+from tests.support.processes import free_port
 from tests.support.registry import Registry
 from tests.support.tokenserver import TokenServer
 
@@ -152,8 +154,7 @@ http {{
         self.url = f"http://127.0.0.1:{self.port}/blob"
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
+        processes.stop(self.proc)
 
 
 def wait_http(url: str, method: str = "GET", timeout: float = 20) -> None:

@@ -66,7 +66,6 @@ class Eviction:
     removed: list[Entry] = field(default_factory=list)
     total_before: int = 0
     total_after: int = 0
-    skipped_protected: int = 0
 
     @property
     def freed(self) -> int:
@@ -112,12 +111,11 @@ def _evict(
     found = list(entries(layouts))
     result = Eviction(total_before=sum(e.size for e in found))
     total = result.total_before
-    candidates = []
-    for entry in sorted(found, key=lambda e: e.last_used):
-        if entry.digest in protected:
-            result.skipped_protected += 1
-        elif now - entry.last_used >= GRACE_SECONDS:
-            candidates.append(entry)
+    candidates = [
+        entry
+        for entry in sorted(found, key=lambda e: e.last_used)
+        if entry.digest not in protected and now - entry.last_used >= GRACE_SECONDS
+    ]
     target = None if max_size is None else int(max_size * LOW_WATER)
     for entry in candidates:
         too_old = max_age_seconds is not None and now - entry.last_used > max_age_seconds

@@ -7,169 +7,21 @@ import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
 
-import aiohttp
 from aiohttp import web
 
 from cache import stores
-from cache.archive import remove_abandoned_imports
-from cache.blobs import BlobStore
-from cache.index import TagIndex
 from cache.layout import Layout
-from cache.manifests import ManifestStore
 from cache.scrub import Scrubber
-from cache.space import WriteFailures
 from cache.stores import KnownUpstream
 from metrics import CacheUsage, Metrics
-from proxy.config import Settings, UpstreamSettings
+from proxy.config import Settings
 from proxy.errors import oci_errors
-from proxy.housekeeping import Housekeeper
 from proxy.keys import METRICS, MIRRORS, SETTINGS
-from proxy.mirror import Mirror, Mirrors
+from proxy.resources import open_mirrors
 from proxy.routes import add_routes, answer_namespace, count_served_bytes
-from proxy.upstream import (
-    RateLimit,
-    UpstreamClient,
-    UpstreamOptions,
-    new_redirect_session,
-    new_session,
-)
 
 log = logging.getLogger(__name__)
-
-# How long start-up may wait to learn the upstreams' auth challenges.
-DISCOVER_SECONDS = 2.0
-
-
-def layouts(settings: Settings) -> dict[str, Layout]:
-    """Where each configured upstream's content lives, by upstream name (the rule
-    is in cache/stores.py)."""
-    pairs = ((up.name, up.has_credentials) for up in settings.all_upstreams())
-    return stores.layouts(settings.cache_dir.resolve(), pairs)
-
-
-def index_dir(settings: Settings) -> Path:
-    return stores.index_dir(settings.cache_dir.resolve())
-
-
-def known_upstreams(settings: Settings) -> dict[str, KnownUpstream]:
-    """The upstreams this cache has seen: those a server recorded in it, with
-    these settings' own on top."""
-    known = stores.read_record(settings.cache_dir.resolve())
-    for up in settings.all_upstreams():
-        known[up.name] = KnownUpstream(up.name, str(up.url), up.has_credentials)
-    return known
-
-
-def rekey_tags(tags: TagIndex, known: dict[str, KnownUpstream]) -> int:
-    """Tags recorded under an upstream's URL (before they were keyed by name) go
-    under its name; a URL two names share cannot be attributed and stays."""
-    by_url: dict[str, set[str]] = {}
-    for up in known.values():
-        by_url.setdefault(up.url, set()).add(up.name)
-    return tags.rekey({url: names.pop() for url, names in by_url.items() if len(names) == 1})
-
-
-def _upstream_client(
-    up: UpstreamSettings,
-    sessions: tuple[aiohttp.ClientSession, aiohttp.ClientSession],
-    options: UpstreamOptions,
-    metrics: Metrics,
-) -> UpstreamClient:
-    name = up.name
-
-    def ratelimit(seen: RateLimit) -> None:
-        metrics.ratelimit_limit.labels(name).set(seen.limit)
-        metrics.ratelimit_remaining.labels(name).set(seen.remaining)
-        if seen.remaining * 10 < seen.limit:
-            log.warning("upstream %s: %d of %d pulls left", name, seen.remaining, seen.limit)
-
-    return UpstreamClient(
-        up,
-        sessions[0],
-        redirect_session=sessions[1],
-        options=options,
-        on_redirect=lambda status: metrics.upstream_redirects.labels(name, status).inc(),
-        on_token=metrics.tokens_fetched.labels(name).inc,
-        on_ratelimit=ratelimit,
-        on_response=lambda method, status: metrics.upstream_requests.labels(
-            name, method, str(status)
-        ).inc(),
-    )
-
-
-@dataclass
-class Resources:
-    """Everything a mirror runs on; the server and the command line share it."""
-
-    mirrors: Mirrors
-    tags: TagIndex
-    housekeeper: Housekeeper
-    layouts: dict[str, Layout]
-
-
-@contextlib.asynccontextmanager
-async def open_mirrors(settings: Settings, metrics: Metrics) -> AsyncIterator[Resources]:
-    by_upstream = layouts(settings)
-    distinct = list({layout.root: layout for layout in by_upstream.values()}.values())
-    for layout in distinct:
-        layout.create()
-
-    def count_failure(reason: str) -> None:
-        metrics.cache_write_failures.labels(reason).inc()
-
-    tags = TagIndex(index_dir(settings), WriteFailures(count_failure))
-    moved = await asyncio.to_thread(rekey_tags, tags, known_upstreams(settings))
-    if moved:
-        log.info("moved %d tag entries from upstream URLs to upstream names", moved)
-    housekeeper = Housekeeper(settings, by_upstream, tags, metrics)
-    stores: dict[Layout, tuple[BlobStore, ManifestStore]] = {}
-    for layout in distinct:
-        failures = WriteFailures(count_failure)
-        blobs = BlobStore(
-            layout,
-            read_timeout=settings.read_timeout,
-            on_commit=housekeeper.poke,
-            failures=failures,
-            on_full=housekeeper.free_space if settings.max_size is not None else None,
-        )
-        removed = blobs.remove_stale() + remove_abandoned_imports(layout)
-        if removed:
-            log.info("removed %d temp files left by an earlier run in %s", removed, layout.root)
-        corrupt = metrics.corrupt_objects.labels("manifest").inc
-        stores[layout] = (blobs, ManifestStore(layout, on_corrupt=corrupt, failures=failures))
-    session = new_session(settings)
-    redirect_session = new_redirect_session(settings)
-    options = UpstreamOptions.from_settings(settings)
-    mirrors = []
-    for up in settings.all_upstreams():
-        blobs, manifests = stores[by_upstream[up.name]]
-        mirrors.append(
-            Mirror(
-                _upstream_client(up, (session, redirect_session), options, metrics),
-                blobs,
-                manifests,
-                tags,
-                metrics,
-                tag_ttl=settings.tag_ttl if up.tag_ttl is None else up.tag_ttl,
-                offline=settings.offline if up.offline is None else up.offline,
-                library_prefix=up.library_prefix,
-            )
-        )
-    online = [m for m in mirrors if not m.offline]
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(DISCOVER_SECONDS):
-            await asyncio.gather(*(m.upstream.discover() for m in online))
-    try:
-        yield Resources(Mirrors(mirrors[0], mirrors[1:]), tags, housekeeper, by_upstream)
-    finally:
-        for blobs, _ in stores.values():
-            await blobs.close()
-        await session.close()
-        await redirect_session.close()
-        tags.close()
 
 
 async def _serve_mirrors(app: web.Application) -> AsyncIterator[None]:
@@ -190,7 +42,7 @@ async def _serve_mirrors(app: web.Application) -> AsyncIterator[None]:
             )
         except OSError as exc:  # the mirror works without it; only the tools miss it
             log.warning("cannot record the upstreams in %s: %s", stores.RECORD, exc)
-        distinct = resources.housekeeper.distinct_layouts()
+        distinct = resources.images.distinct_layouts()
 
         def usage() -> CacheUsage:
             counts = [layout.usage() for layout in distinct]

@@ -1,4 +1,5 @@
-"""``pullthrough``: the command line. It parses, then hands over to the app."""
+"""``pullthrough``: the command line. It parses, then hands over to a command
+(proxy/commands/) or to the server (proxy/server.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from proxy import server, stats
-from proxy.commands import run_tool
+from proxy import commands, server
+from proxy.commands import archive, cache, gc, stats, warm
 from proxy.config import ConfigError, Settings, load_settings, prepare_cache_dir
 from proxy.logs import configure as configure_logs
 
@@ -150,13 +151,22 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Set
 WRITERS = frozenset({"serve", "warm", "import", "cache pin", "cache unpin"})
 
 
+COMMANDS: dict[str, commands.Command] = {
+    "warm": warm.run,
+    "export": archive.export,
+    "import": archive.load,
+    "cache": cache.run,
+    "gc": gc.run,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit codes: 0 done; 1 the command failed (nothing cached there, an image not
     cached, an upstream error); 2 a usage or configuration error (argparse's code
     too), always one line on stderr."""
     args = _parser().parse_args(argv)
     if args.command == "stats":
-        return show_stats(args.url)
+        return stats.run(args.url)
     if args.command == "serve":
         logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s %(message)s")
     command = " ".join(filter(None, (args.command, getattr(args, "action", None))))
@@ -169,21 +179,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command != "serve":
         configure_logs(settings.log_level if args.log_level else "WARNING", "text")
-        return run_tool(args, settings)
+        return commands.run(COMMANDS[args.command], args, settings)
     configure_logs(settings.log_level, settings.log_format)
     try:
         return server.serve(settings)
     except server.StartupError as exc:
         print(f"pullthrough: {exc}", file=sys.stderr)
         return 1
-
-
-def show_stats(url: str) -> int:
-    try:
-        text = stats.fetch(url)
-    except (OSError, ValueError) as exc:
-        print(f"pullthrough: cannot read {url}/metrics: {exc}", file=sys.stderr)
-        return 1
-    print(f"pullthrough at {url}")
-    print(stats.summarize(text))
-    return 0

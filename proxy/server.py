@@ -37,15 +37,17 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from prometheus_client.multiprocess import mark_process_dead
 
+from cache import stores
 from cache.archive import remove_abandoned_imports
 from cache.blobs import BlobStore
 from cache.index import TagIndex
 from metrics import MULTIPROCESS_ENV
-from proxy.app import create_app, index_dir, layouts
+from proxy.app import create_app
 from proxy.config import Settings
 from proxy.errors import RegistryError, error_response
 from proxy.logs import ACCESS_LOGGER, AccessLogger
 from proxy.logs import configure as configure_logs
+from proxy.resources import layouts
 
 log = logging.getLogger("pullthrough")
 
@@ -151,11 +153,13 @@ def prepare_cache(settings: Settings) -> int:
         for layout in distinct:
             layout.create()
             removed += BlobStore(layout).remove_stale() + remove_abandoned_imports(layout)
-        TagIndex(index_dir(settings)).close()
+        TagIndex(stores.index_dir(settings.cache_dir.resolve())).close()
     except OSError as exc:
         raise StartupError(f"cache directory {settings.cache_dir}: {exc}") from None
     except Exception as exc:  # SQLite (the tag index) has errors of its own
-        raise StartupError(f"tag index in {index_dir(settings)}: {exc}") from None
+        raise StartupError(
+            f"tag index in {stores.index_dir(settings.cache_dir.resolve())}: {exc}"
+        ) from None
     for layout in distinct:
         if not layout.writable():
             raise StartupError(f"cache directory {layout.root} is not writable")

@@ -14,6 +14,7 @@ import pytest
 
 from tests.support.binaries import require_binary
 from tests.support.images import Image, push_images, seed_images
+from tests.support.mirror import MirrorProcess
 from tests.support.registry import Registry, RegistryFactory
 from tests.support.seaweed import SeaweedS3
 from tests.support.skopeo import Skopeo
@@ -122,3 +123,12 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
     """
     with SeaweedS3(tmp_path_factory.mktemp("seaweed")) as server:
         yield server
+
+
+@pytest.fixture
+def stop_later() -> Iterator[list[MirrorProcess]]:
+    """Mirror processes a test started: stopped when it ends, whatever happened."""
+    mirrors: list[MirrorProcess] = []
+    yield mirrors
+    for mirror in mirrors:
+        mirror.stop()

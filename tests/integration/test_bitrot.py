@@ -12,7 +12,6 @@ import logging
 import re
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,14 +63,6 @@ def scrape(url: str) -> str:
     with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
         text: str = resp.read().decode()
         return text
-
-
-@pytest.fixture
-def stop_later() -> Iterator[list[MirrorProcess]]:
-    mirrors: list[MirrorProcess] = []
-    yield mirrors
-    for mirror in mirrors:
-        mirror.stop()
 
 
 def test_cache_verify_finds_a_flipped_byte_and_the_next_pull_is_right(

@@ -26,22 +26,15 @@ import pytest
 
 from cache.index import TagIndex
 from tests.support.images import ALPINE, BIG, DOCKER_MANIFEST_LIST, seed_images
-from tests.support.mirror import MirrorProcess, free_port
+from tests.support.mirror import MirrorProcess
+from tests.support.processes import free_port
 from tests.support.registry import Registry
 
 HELLO = "library/hello:latest"
 
 
-@pytest.fixture
-def started() -> Iterator[list[MirrorProcess]]:
-    mirrors: list[MirrorProcess] = []
-    yield mirrors
-    for mirror in mirrors:
-        mirror.stop()
-
-
 def start(
-    started: list[MirrorProcess],
+    stop_later: list[MirrorProcess],
     upstream: Registry,
     cache: Path,
     *,
@@ -51,7 +44,7 @@ def start(
 ) -> MirrorProcess:
     env = {f"PULLTHROUGH_{k.upper()}": v for k, v in settings.items()}
     mirror = MirrorProcess(cache, upstream.url, env=env, workers=workers, open_files=open_files)
-    started.append(mirror)
+    stop_later.append(mirror)
     mirror.start()
     return mirror
 
@@ -145,9 +138,9 @@ def error_code(body: bytes) -> str:
 
 
 def test_junk_accept_lines_cost_one_upstream_get_and_leave_one_index_entry(
-    upstream: Registry, tmp_path: Path, started: list[MirrorProcess]
+    upstream: Registry, tmp_path: Path, stop_later: list[MirrorProcess]
 ) -> None:
-    mirror = start(started, upstream, tmp_path / "cache")
+    mirror = start(stop_later, upstream, tmp_path / "cache")
     mark = upstream.mark()
     digests = set()
     with connect(mirror) as sock:
@@ -178,9 +171,9 @@ def test_junk_accept_lines_cost_one_upstream_get_and_leave_one_index_entry(
 
 
 def test_a_thousand_oversized_or_unfinished_heads_are_bounded_and_closed(
-    upstream: Registry, tmp_path: Path, started: list[MirrorProcess], many_sockets: None
+    upstream: Registry, tmp_path: Path, stop_later: list[MirrorProcess], many_sockets: None
 ) -> None:
-    mirror = start(started, upstream, tmp_path / "cache", request_head_timeout="3")
+    mirror = start(stop_later, upstream, tmp_path / "cache", request_head_timeout="3")
     assert mirror.proc is not None
     pid = mirror.proc.pid
     with connect(mirror) as sock:
@@ -237,9 +230,9 @@ def test_a_thousand_oversized_or_unfinished_heads_are_bounded_and_closed(
 
 
 def test_a_trickled_head_is_cut_off_at_the_deadline(
-    upstream: Registry, tmp_path: Path, started: list[MirrorProcess]
+    upstream: Registry, tmp_path: Path, stop_later: list[MirrorProcess]
 ) -> None:
-    mirror = start(started, upstream, tmp_path / "cache", request_head_timeout="2")
+    mirror = start(stop_later, upstream, tmp_path / "cache", request_head_timeout="2")
     with connect(mirror) as sock:
         began = time.monotonic()
         sock.sendall(b"GET /v2/ HTTP/1.1\r\nHost: mirror\r\n")
@@ -257,9 +250,9 @@ def test_a_trickled_head_is_cut_off_at_the_deadline(
 
 
 def test_an_oversized_head_gets_431_with_an_oci_body(
-    upstream: Registry, tmp_path: Path, started: list[MirrorProcess]
+    upstream: Registry, tmp_path: Path, stop_later: list[MirrorProcess]
 ) -> None:
-    mirror = start(started, upstream, tmp_path / "cache", max_request_head="16384")
+    mirror = start(stop_later, upstream, tmp_path / "cache", max_request_head="16384")
     with connect(mirror) as sock:
         lines = "".join(f"X-Filler-{i}: {'b' * 1000}\r\n" for i in range(17))
         sock.sendall(f"GET /v2/ HTTP/1.1\r\nHost: mirror\r\n{lines}\r\n".encode())
@@ -275,9 +268,9 @@ def test_an_oversized_head_gets_431_with_an_oci_body(
 
 
 def test_an_idle_keepalive_connection_is_closed_after_the_timeout(
-    upstream: Registry, tmp_path: Path, started: list[MirrorProcess]
+    upstream: Registry, tmp_path: Path, stop_later: list[MirrorProcess]
 ) -> None:
-    mirror = start(started, upstream, tmp_path / "cache", keepalive_timeout="2")
+    mirror = start(stop_later, upstream, tmp_path / "cache", keepalive_timeout="2")
     with connect(mirror) as sock:
         assert get(sock, "/v2/")[0] == 200
         idle = time.monotonic()
@@ -292,10 +285,10 @@ def test_an_idle_keepalive_connection_is_closed_after_the_timeout(
 
 
 def test_connections_over_the_cap_get_503_and_cached_blobs_still_work(
-    upstream: Registry, tmp_path: Path, started: list[MirrorProcess], many_sockets: None
+    upstream: Registry, tmp_path: Path, stop_later: list[MirrorProcess], many_sockets: None
 ) -> None:
     # With `ulimit -n 1024` the cap comes down to what 1,024 descriptors serve.
-    mirror = start(started, upstream, tmp_path / "cache", open_files=1024)
+    mirror = start(stop_later, upstream, tmp_path / "cache", open_files=1024)
     hello = seed_images()[HELLO]
     layer = hello.layers_of(hello.top)[0]
     path = f"/v2/library/hello/blobs/{layer.digest}"
@@ -354,9 +347,9 @@ def test_connections_over_the_cap_get_503_and_cached_blobs_still_work(
 
 
 def test_bad_numbers_and_references_get_oci_errors(
-    upstream: Registry, tmp_path: Path, started: list[MirrorProcess]
+    upstream: Registry, tmp_path: Path, stop_later: list[MirrorProcess]
 ) -> None:
-    mirror = start(started, upstream, tmp_path / "cache")
+    mirror = start(stop_later, upstream, tmp_path / "cache")
     cases = [
         ("GET", "/v2/library/hello/tags/list?n=" + "9" * 5000, 400, "PAGINATION_NUMBER_INVALID"),
         ("GET", "/v2/library/hello/tags/list?n=%C2%B2", 400, "PAGINATION_NUMBER_INVALID"),
@@ -390,9 +383,9 @@ def test_bad_numbers_and_references_get_oci_errors(
 
 
 def test_clients_leaving_mid_blob_log_no_traceback_and_bytes_are_counted(
-    upstream: Registry, tmp_path: Path, started: list[MirrorProcess]
+    upstream: Registry, tmp_path: Path, stop_later: list[MirrorProcess]
 ) -> None:
-    mirror = start(started, upstream, tmp_path / "cache")
+    mirror = start(stop_later, upstream, tmp_path / "cache")
     big = seed_images()[BIG]
     layer = max(big.blobs, key=lambda b: b.size)
     path = f"/v2/library/big/blobs/{layer.digest}"
@@ -421,9 +414,9 @@ def test_clients_leaving_mid_blob_log_no_traceback_and_bytes_are_counted(
 
 
 def test_a_malformed_request_line_is_one_warning(
-    upstream: Registry, tmp_path: Path, started: list[MirrorProcess]
+    upstream: Registry, tmp_path: Path, stop_later: list[MirrorProcess]
 ) -> None:
-    mirror = start(started, upstream, tmp_path / "cache")
+    mirror = start(stop_later, upstream, tmp_path / "cache")
     mark = mirror.log.stat().st_size
     with connect(mirror) as sock:
         sock.sendall(b"GARBAGE\x01 /\r\n\r\n")
@@ -507,9 +500,9 @@ def workers_of(pid: int) -> set[int]:
 
 
 def test_a_killed_worker_is_replaced_and_pulls_go_on(
-    upstream: Registry, tmp_path: Path, started: list[MirrorProcess]
+    upstream: Registry, tmp_path: Path, stop_later: list[MirrorProcess]
 ) -> None:
-    mirror = start(started, upstream, tmp_path / "cache", workers=2)
+    mirror = start(stop_later, upstream, tmp_path / "cache", workers=2)
     assert mirror.proc is not None
     hello = seed_images()[HELLO]
     layer = hello.layers_of(hello.top)[0]
@@ -541,9 +534,9 @@ def test_a_killed_worker_is_replaced_and_pulls_go_on(
 
 
 def test_workers_that_keep_dying_stop_the_server_with_status_1(
-    upstream: Registry, tmp_path: Path, started: list[MirrorProcess]
+    upstream: Registry, tmp_path: Path, stop_later: list[MirrorProcess]
 ) -> None:
-    mirror = start(started, upstream, tmp_path / "cache", workers=2)
+    mirror = start(stop_later, upstream, tmp_path / "cache", workers=2)
     assert mirror.proc is not None
     killed: set[int] = set()
     deadline = time.monotonic() + 60

@@ -26,14 +26,14 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import pytest
 
 from tests.support.binaries import require_binary
 from tests.support.images import Image, make_image
 from tests.support.mirror import MirrorProcess
+from tests.support.processes import Service
 from tests.support.registry import AccessLogEntry, Registry, RegistryFactory
 
 PLATFORM = "linux/amd64"
@@ -100,7 +100,7 @@ def require_root(client: str) -> None:
         )
 
 
-class Daemon:
+class Daemon(Service):
     """A daemon in its own session; leaving the ``with`` block stops the whole group."""
 
     def __init__(
@@ -112,7 +112,7 @@ class Daemon:
         self.env = dict(env)
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def __enter__(self) -> Self:
+    def start(self) -> None:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 self.argv,
@@ -122,15 +122,6 @@ class Daemon:
                 env=self.env,
                 start_new_session=True,
             )
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def stop(self, timeout: float = 15.0) -> None:
         proc, self.proc = self.proc, None

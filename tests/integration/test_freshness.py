@@ -6,7 +6,6 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -38,14 +37,6 @@ def mirror_of(upstream: Registry, cache: Path, **settings: str) -> MirrorProcess
     mirror = MirrorProcess(cache, upstream.url, env=env)
     mirror.start()
     return mirror
-
-
-@pytest.fixture
-def stop_later() -> Iterator[list[MirrorProcess]]:
-    mirrors: list[MirrorProcess] = []
-    yield mirrors
-    for mirror in mirrors:
-        mirror.stop()
 
 
 def summary(entries: list[AccessLogEntry]) -> list[str]:

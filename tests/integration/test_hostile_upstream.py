@@ -31,7 +31,8 @@ from tests.support.faults import (
     InternalService,
     digest_of,
 )
-from tests.support.mirror import free_port, settings_for
+from tests.support.mirror import settings_for
+from tests.support.processes import free_port
 
 BLOB = os.urandom(256 * 1024 + 3)
 DIGEST = digest_of(BLOB)

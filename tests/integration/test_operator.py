@@ -24,7 +24,7 @@ import pytest
 from cache.digests import Digest
 from cache.layout import Layout
 from cache.manifests import ManifestStore, StoredManifest
-from proxy.stats import human
+from proxy.console import human
 from tests.support.images import Image, make_image
 from tests.support.mirror import MirrorProcess, blob_files, run_cli
 from tests.support.registry import Registry, RegistryFactory

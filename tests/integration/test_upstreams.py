@@ -12,7 +12,8 @@ from aiohttp import web
 
 from tests.support.faults import FaultRegistry
 from tests.support.images import Image, make_image
-from tests.support.mirror import MirrorProcess, free_port
+from tests.support.mirror import MirrorProcess
+from tests.support.processes import free_port
 from tests.support.registry import Registry, RegistryFactory
 from tests.support.skopeo import Skopeo, dir_blob_digests, dir_manifest
 from tests.support.tokenserver import ALICE

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import resource
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +14,8 @@ from pathlib import Path
 from yarl import URL
 
 from proxy.config import Settings
+from tests.support import processes
+from tests.support.processes import free_port, wait_ready
 
 
 def settings_for(cache_dir: Path, upstream: str, **overrides: object) -> Settings:
@@ -28,13 +28,6 @@ def settings_for(cache_dir: Path, upstream: str, **overrides: object) -> Setting
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def blob_files(cache_dir: Path) -> list[Path]:
@@ -107,17 +100,16 @@ class MirrorProcess:
                 start_new_session=True,
                 preexec_fn=None if self.open_files is None else self._limit_open_files,
             )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mirror exited: {self.log.read_text()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/v2/", timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        self.kill()  # a mirror that never answered must not outlive the test
-        raise RuntimeError(f"mirror did not start: {self.log.read_text()}")
+
+        def probe() -> str | None:
+            with urllib.request.urlopen(f"{self.url}/v2/", timeout=1):
+                return None
+
+        try:
+            wait_ready(self.proc, probe, what="mirror", timeout=20, log=self.log.read_text)
+        except TimeoutError:
+            self.kill()  # a mirror that never answered must not outlive the test
+            raise
 
     def _limit_open_files(self) -> None:
         assert self.open_files is not None
@@ -125,17 +117,12 @@ class MirrorProcess:
 
     def kill(self) -> None:
         """SIGKILL the whole process group: no clean-up code runs, as in a crash."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        if self.proc is not None:
+            processes.kill(self.proc, group=True)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        if self.proc is not None:
+            processes.stop(self.proc, group=True)
 
 
 def run_cli(

@@ -14,18 +14,17 @@ import contextlib
 import json
 import re
 import secrets
-import socket
 import subprocess
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, Protocol
 
-from tests.support import httpclient
+from tests.support import httpclient, processes
 from tests.support.images import Image, push_image
+from tests.support.processes import ExitedEarly, Service, free_port, wait_ready
 from tests.support.tokenserver import DEFAULT_SERVICE, PUSHER, TokenServer
 
 DEFAULT_BINARY = "docker-registry"
@@ -96,19 +95,7 @@ def parse_access_log(text: str) -> list[AccessLogEntry]:
     return entries
 
 
-class _ExitedEarlyError(RuntimeError):
-    """docker-registry exited before it answered on its port."""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class Registry:
+class Registry(Service):
     """A ``docker-registry serve`` process on 127.0.0.1.
 
     ``workdir`` holds ``config.yml``, ``registry.log`` (stdout+stderr, appended
@@ -235,7 +222,7 @@ class Registry:
             log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
             try:
                 self._spawn(timeout)
-            except _ExitedEarlyError:
+            except ExitedEarly:
                 lost_port = "address already in use" in self.log_text()[log_offset:]
                 if not lost_port or attempt == attempts - 1:
                     raise
@@ -270,28 +257,14 @@ class Registry:
 
     def _wait_ready(self, timeout: float) -> None:
         expected = 200 if self.proxy_mode else 401
-        deadline = time.monotonic() + timeout
-        last_error = "no answer yet"
-        while time.monotonic() < deadline:
-            assert self._proc is not None
-            if self._proc.poll() is not None:
-                raise _ExitedEarlyError(
-                    f"docker-registry exited with {self._proc.returncode} during startup:\n"
-                    + self.log_tail()
-                )
-            try:
-                resp = httpclient.request("GET", f"{self.url}/v2/", timeout=2.0)
-            except OSError as exc:
-                last_error = repr(exc)
-            else:
-                if resp.status == expected:
-                    return
-                last_error = f"GET /v2/ answered {resp.status}"
-            time.sleep(0.05)
-        raise TimeoutError(
-            f"docker-registry on {self.host} not ready after {timeout}s ({last_error}):\n"
-            + self.log_tail()
-        )
+        assert self._proc is not None
+
+        def probe() -> str | None:
+            status = httpclient.request("GET", f"{self.url}/v2/", timeout=2.0).status
+            return None if status == expected else f"GET /v2/ answered {status}"
+
+        what = f"docker-registry on {self.host}"
+        wait_ready(self._proc, probe, what=what, timeout=timeout, log=self.log_tail)
 
     def process_env(self) -> dict[str, str] | None:
         """The process's environment; None: this one's."""
@@ -303,13 +276,7 @@ class Registry:
         if proc is None:
             return
         try:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout)
+            processes.stop(proc, timeout)
         finally:
             with _LIVE_LOCK:
                 _LIVE.discard(proc)
@@ -317,18 +284,6 @@ class Registry:
     def restart(self, timeout: float = 20.0) -> None:
         self.stop()
         self.start(timeout)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # ------------------------------------------------------------------ logs
 

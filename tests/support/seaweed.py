@@ -28,19 +28,18 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from tests.support import httpclient
+from tests.support import httpclient, processes
 from tests.support.binaries import require_binary
-from tests.support.registry import Registry, free_port
+from tests.support.processes import Service, free_port, wait_ready
+from tests.support.registry import Registry
 from tests.support.tokenserver import TokenServer
 
 ACCESS_KEY = "pullthrough-test"
@@ -183,7 +182,7 @@ def weed_binary() -> str:
     return require_binary("weed")
 
 
-class SeaweedS3:
+class SeaweedS3(Service):
     """``weed mini`` on loopback, an S3 endpoint with one bucket; see the module doc."""
 
     def __init__(self, workdir: Path, *, binary: str | None = None) -> None:
@@ -259,17 +258,14 @@ class SeaweedS3:
     def _wait_ready(self, timeout: float) -> None:
         # Anonymous requests are refused (403) once the S3 gateway and its
         # identities are up.
-        deadline = time.monotonic() + timeout
+        assert self._proc is not None
         bucket = f"{self.direct_endpoint}/{self.bucket}"
-        while time.monotonic() < deadline:
-            assert self._proc is not None
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"weed mini exited:\n{self.log_tail()}")
-            with contextlib.suppress(OSError):
-                if httpclient.request("HEAD", bucket, timeout=1).status == 403:
-                    return
-            time.sleep(0.1)
-        raise TimeoutError(f"weed mini not ready after {timeout} s:\n{self.log_tail()}")
+
+        def probe() -> str | None:
+            status = httpclient.request("HEAD", bucket, timeout=1).status
+            return None if status == 403 else f"HEAD bucket answered {status}"
+
+        wait_ready(self._proc, probe, what="weed mini", timeout=timeout, log=self.log_tail)
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -280,31 +276,14 @@ class SeaweedS3:
     def stop(self) -> None:
         self._relay.stop()
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        if proc is not None:
+            processes.stop(proc)
         # Its components leave gRPC sockets in /tmp, named by port.
         for flag, port in self.ports.items():
             if flag.endswith(".grpc"):
                 component = flag.split(".")[0]
                 with contextlib.suppress(FileNotFoundError):
                     Path(f"/tmp/seaweedfs-{component}-grpc-{port}.sock").unlink()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 class S3Registry(Registry):

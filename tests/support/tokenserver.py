@@ -33,8 +33,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Literal, NamedTuple, Self
+from typing import Any, Literal, NamedTuple
 
 import jwt
 from aiohttp import web
@@ -44,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from tests.support import httpclient
+from tests.support.processes import Service
 
 DEFAULT_ISSUER = "pullthrough-test-issuer"
 DEFAULT_SERVICE = "pullthrough-test"
@@ -94,7 +94,7 @@ def parse_scope(scope: str) -> tuple[str, str, tuple[str, ...]] | None:
     return rtype, name, tuple(a for a in actions.split(",") if a)
 
 
-class TokenServer:
+class TokenServer(Service):
     """Background-thread token server; see the module docstring for the policy."""
 
     def __init__(
@@ -205,18 +205,6 @@ class TokenServer:
         self.stop()
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _serve(self, ready: threading.Event, errors: list[BaseException]) -> None:
         loop = asyncio.new_event_loop()

@@ -27,7 +27,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.app import create_app
 from proxy.config import Settings
 from tests.support.binaries import require_binary
-from tests.support.mirror import free_port, settings_for
+from tests.support.mirror import settings_for
+from tests.support.processes import free_port
 
 Client = Callable[..., Awaitable[TestClient[Any, Any]]]
 

@@ -17,10 +17,9 @@ from cache.layout import Layout
 from cache.manifests import ManifestStore, StoredManifest
 from cache.stores import KnownUpstream
 from metrics import Metrics
-from proxy.app import open_mirrors, rekey_tags
-from proxy.commands import CommandError, _import_store
 from proxy.config import ConfigError, Settings, parse_upstreams
-from proxy.tools import housekeeper, unattributed
+from proxy.images import TransferError, import_store, open_images, rekey_tags
+from proxy.resources import open_mirrors
 
 OLD_URL = "http://127.0.0.1:5999"
 
@@ -89,15 +88,15 @@ def test_a_pin_protects_its_image_under_a_key_nobody_knows(tmp_path: Path) -> No
     tags.set_pins({"docker.io/team/app:1"})
     tags.close()
     settings = Settings(cache_dir=tmp_path)
-    with housekeeper(settings, create=False) as keeper:
-        assert unattributed(keeper) == {"http://gone:5000"}
+    with open_images(settings, create=False) as keeper:
+        assert keeper.unattributed() == {"http://gone:5000"}
         assert {manifest.digest, layer} <= keeper.protected()
 
 
 def test_tools_see_the_store_a_server_recorded(tmp_path: Path) -> None:
     stores.record_upstreams(tmp_path, [KnownUpstream("docker.io", OLD_URL, True)])
     Layout(tmp_path).create()
-    with housekeeper(Settings(cache_dir=tmp_path), create=False) as keeper:
+    with open_images(Settings(cache_dir=tmp_path), create=False) as keeper:
         assert keeper.layouts["docker.io"].root == tmp_path.resolve() / "upstreams" / "docker.io"
 
 
@@ -135,9 +134,9 @@ async def test_opening_an_old_cache_moves_its_url_keys_to_names(tmp_path: Path) 
     tags.close()
     settings = Settings(cache_dir=tmp_path, upstream=URL(OLD_URL), offline=True)
     async with open_mirrors(settings, Metrics()) as resources:
-        assert resources.tags.get_sync("docker.io", "library/alpine", "3.19", "*") == entry()
-        assert resources.tags.get_sync(OLD_URL, "library/alpine", "3.19", "*") is None
-        assert resources.tags.pins() == {"docker.io/library/alpine:3.19"}
+        assert resources.images.tags.get_sync("docker.io", "library/alpine", "3.19", "*") == entry()
+        assert resources.images.tags.get_sync(OLD_URL, "library/alpine", "3.19", "*") is None
+        assert resources.images.tags.pins() == {"docker.io/library/alpine:3.19"}
 
 
 def test_import_goes_to_the_store_of_the_upstream_the_images_name(tmp_path: Path) -> None:
@@ -148,11 +147,11 @@ def test_import_goes_to_the_store_of_the_upstream_the_images_name(tmp_path: Path
         upstreams=parse_upstreams("ghcr.io"),
     )
     root = tmp_path.resolve()
-    with housekeeper(settings) as keeper:
+    with open_images(settings) as keeper:
         private = root / "upstreams" / "docker.io"
-        assert _import_store(keeper, ["docker.io/library/alpine:3.19"]).root == private
-        assert _import_store(keeper, ["alpine:3.19", None]).root == private
-        assert _import_store(keeper, ["ghcr.io/owner/app:1"]).root == root
-        assert _import_store(keeper, [None, "quay.io/x/y:1", "not a name"]).root == root
-        with pytest.raises(CommandError, match="separate stores"):
-            _import_store(keeper, ["alpine:3.19", "ghcr.io/owner/app:1"])
+        assert import_store(keeper, ["docker.io/library/alpine:3.19"]).root == private
+        assert import_store(keeper, ["alpine:3.19", None]).root == private
+        assert import_store(keeper, ["ghcr.io/owner/app:1"]).root == root
+        assert import_store(keeper, [None, "quay.io/x/y:1", "not a name"]).root == root
+        with pytest.raises(TransferError, match="separate stores"):
+            import_store(keeper, ["alpine:3.19", "ghcr.io/owner/app:1"])

@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import sys
 import urllib.request
 from collections import defaultdict
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.console import human
+
+
+def run(url: str) -> int:
+    try:
+        text = fetch(url)
+    except (OSError, ValueError) as exc:
+        print(f"pullthrough: cannot read {url}/metrics: {exc}", file=sys.stderr)
+        return 1
+    print(f"pullthrough at {url}")
+    print(summarize(text))
+    return 0
 
 
 def fetch(url: str, timeout: float = 10.0) -> str:
@@ -15,15 +29,6 @@ def fetch(url: str, timeout: float = 10.0) -> str:
     with urllib.request.urlopen(target, timeout=timeout) as resp:  # noqa: S310 - checked above
         text: str = resp.read().decode()
         return text
-
-
-def human(n: float) -> str:
-    """Bytes for a person: 412.0 MiB."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 def summarize(text: str) -> str:

@@ -1,0 +1,104 @@
+"""What the cache holds, counted for a person: cached images by tag, and disk use."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from cache import graph
+from cache.digests import Digest
+from cache.errors import InvalidDigest
+from cache.evict import entries
+from cache.index import TagIndex
+from cache.layout import Layout
+from cache.manifests import ManifestStore
+
+
+@dataclass
+class ImageRow:
+    image: str
+    digest: str
+    media_type: str
+    size: int
+    complete: bool
+    last_used: float
+    pinned: bool
+
+
+def list_images(
+    tags: TagIndex, layouts: Mapping[str, Layout], shared: Layout, pins: Collection[str]
+) -> list[ImageRow]:
+    """Every tag recorded for an upstream in ``layouts`` whose manifest is still
+    cached, with what its content weighs and when it was last used. A manifest is
+    looked for in the upstream's own store, then in the shared one."""
+    seen: dict[tuple[str, str], ImageRow] = {}
+    for name, repository, tag, _, entry in tags.tags():
+        own = layouts.get(name)
+        if own is None:
+            continue  # not attributable to a store
+        image = f"{name}/{repository}:{tag}"
+        if (image, entry.digest) in seen:
+            continue
+        top, layout = None, own
+        for layout in dict.fromkeys((own, shared)):
+            with contextlib.suppress(InvalidDigest):
+                top = ManifestStore(layout).read(Digest.parse(entry.digest), touch=False)
+            if top is not None:
+                break
+        if top is None:
+            continue  # evicted since
+        walked = graph.closure(top, partial(ManifestStore(layout).read, touch=False))
+        size, last_used, complete = 0, 0.0, not walked.missing_manifests
+        for path in [layout.manifest(m.digest) for m in walked.manifests] + [
+            layout.blob(d) for d in walked.blobs
+        ]:
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                complete = False
+                continue
+            size += st.st_size
+            last_used = max(last_used, st.st_mtime)
+        seen[(image, entry.digest)] = ImageRow(
+            image, entry.digest, top.media_type, size, complete, last_used, image in pins
+        )
+    return sorted(seen.values(), key=lambda r: (r.image, -r.last_used))
+
+
+@dataclass
+class Usage:
+    blobs: int = 0
+    blob_bytes: int = 0
+    manifests: int = 0
+    manifest_bytes: int = 0
+    temp_files: int = 0
+    temp_bytes: int = 0
+    quarantined: int = 0
+    quarantined_bytes: int = 0
+
+
+def disk_usage(layouts: Sequence[Layout]) -> Usage:
+    usage = Usage()
+    for entry in entries(layouts):
+        if entry.kind == "blob":
+            usage.blobs += 1
+            usage.blob_bytes += entry.size
+        else:
+            usage.manifests += 1
+            usage.manifest_bytes += entry.size
+    for layout in layouts:
+        # Recursively: an import's staging folder holds whole layers.
+        for dirpath, _, files in os.walk(layout.tmp):
+            for name in files:
+                with contextlib.suppress(FileNotFoundError):
+                    usage.temp_bytes += (Path(dirpath) / name).stat().st_size
+                    usage.temp_files += 1
+        for path in layout.quarantine.iterdir() if layout.quarantine.is_dir() else ():
+            with contextlib.suppress(FileNotFoundError):
+                usage.quarantined_bytes += path.stat().st_size
+                usage.quarantined += 1
+    return usage

@@ -1,0 +1,95 @@
+"""``pullthrough cache ls|du|pin|unpin|verify``: look at and manage the cache."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+
+from cache.listing import disk_usage, list_images
+from cache.quarantine import Corrupt
+from cache.scrub import total_bytes, verify_all
+from proxy.config import Settings
+from proxy.console import byte_progress, human, image_table
+from proxy.images import CachedImages, open_images, set_pins
+
+
+def run(args: argparse.Namespace, settings: Settings, console: Console) -> int:
+    actions = {"ls": _ls, "du": _du, "pin": _pin, "unpin": _pin, "verify": _verify}
+    return actions[args.action](args, settings, console)
+
+
+def _ls(args: argparse.Namespace, settings: Settings, console: Console) -> int:
+    with open_images(settings, create=False) as images:
+        rows = list_images(images.tags, images.layouts, images.shared, images.pins())
+        image_table(rows, console)
+        _warn_unattributed(images)
+    return 0
+
+
+def _warn_unattributed(images: CachedImages) -> None:
+    unknown = images.unattributed()
+    if unknown:
+        print(
+            f"pullthrough: tags recorded under {', '.join(sorted(unknown))} are not listed: "
+            "no upstream of that name or URL is known to this cache (start the server "
+            "that pulled them once, or pass its --config)",
+            file=sys.stderr,
+        )
+
+
+def _du(args: argparse.Namespace, settings: Settings, console: Console) -> int:
+    with open_images(settings, create=False) as images:
+        usage = disk_usage(images.distinct_layouts())
+    total = usage.blob_bytes + usage.manifest_bytes
+    limit = settings.max_size
+    console.print(
+        f"{human(total)} in {usage.blobs} blob(s) "
+        f"({human(usage.blob_bytes)}) and {usage.manifests} manifest(s) "
+        f"({human(usage.manifest_bytes)}); {usage.temp_files} temp file(s) "
+        f"({human(usage.temp_bytes)})"
+        + (
+            f"; {usage.quarantined} quarantined file(s) "
+            f"({human(usage.quarantined_bytes)}) in quarantine/"
+            if usage.quarantined
+            else ""
+        )
+        + (f"; limit {human(limit)} ({100 * total / limit:.0f}% used)" if limit else "")
+    )
+    return 0
+
+
+def _pin(args: argparse.Namespace, settings: Settings, console: Console) -> int:
+    with open_images(settings) as images:
+        pins = set_pins(images.tags, args.images, remove=args.action == "unpin")
+    console.print("pinned: " + (", ".join(sorted(pins)) or "nothing"))
+    return 0
+
+
+def _verify(args: argparse.Namespace, settings: Settings, console: Console) -> int:
+    with open_images(settings, create=False) as images:
+        layouts = images.distinct_layouts()
+        total = total_bytes(layouts)
+        with byte_progress(console) as progress:
+            task = progress.add_task("verify", total=total)
+
+            def found(corrupt: Corrupt) -> None:
+                where = f"moved to {corrupt.moved_to}" if corrupt.moved_to else "gone meanwhile"
+                progress.console.print(
+                    f"[red]corrupt {corrupt.kind} {corrupt.digest}: {corrupt.detail}; {where}"
+                )
+
+            report = verify_all(layouts, progress=lambda n: progress.advance(task, n), found=found)
+    summary = (
+        f"verified {report.blobs} blob(s) and {report.manifests} manifest(s), "
+        f"{human(report.bytes)} in {report.seconds:.1f}s: "
+    )
+    if not report.corrupt:
+        console.print(summary + "all intact")
+        return 0
+    console.print(
+        summary + f"[red]{len(report.corrupt)} corrupt[/red], moved to quarantine/ "
+        "(the mirror fetches them again from the upstream when next asked for)"
+    )
+    return 1

@@ -1,0 +1,40 @@
+"""``pullthrough gc``: report (or, with --delete, remove) garbage and what the
+size and age limits evict."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+
+from cache import gc
+from proxy.config import Settings
+from proxy.console import human
+from proxy.housekeeping import Housekeeper
+from proxy.images import open_images
+
+
+def run(args: argparse.Namespace, settings: Settings, console: Console) -> int:
+    evicted = evicted_bytes = 0
+    with open_images(settings, create=False) as images:
+        garbage = gc.collect(
+            images.distinct_layouts(),
+            protected=images.protected(),
+            delete=args.delete,
+        )
+        keeper = Housekeeper(settings, images)
+        if keeper.limited:
+            eviction = keeper.run_once(dry_run=not args.delete)
+            if eviction is not None:
+                evicted, evicted_bytes = len(eviction.removed), eviction.freed
+    verb = "removed" if args.delete else "would remove"
+    console.print(
+        f"{verb} {len(garbage.unreferenced)} unreferenced blob(s) "
+        f"({human(garbage.unreferenced_bytes)}), {garbage.temp} temp file(s), "
+        f"{evicted} object(s) over the size/age limits ({human(evicted_bytes)})"
+    )
+    for reason in garbage.skipped:
+        console.print(f"[yellow]kept: {reason}")
+    if not args.delete:
+        console.print("nothing was deleted: run `pullthrough gc --delete` to do it")
+    return 0

@@ -237,8 +237,9 @@ class Settings:
     # would keep it an hour).
     keepalive_timeout: float = 75.0
     # Open client connections per worker; more are answered 503 and closed. Also
-    # lowered at start-up to what the open-file limit can serve (two descriptors
-    # per connection: the socket and a blob file or upstream connection).
+    # lowered at start-up to what the open-file limit can serve (four descriptors
+    # per connection: the socket, and for a cold blob the upstream connection,
+    # the file being written and the reader's descriptor of it).
     max_connections: int = 4096
     log_level: str = "INFO"
     # "asyncio" serves blobs with the kernel's sendfile; "uvloop" answers about a

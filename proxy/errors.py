@@ -6,6 +6,7 @@ only the middleware knows about HTTP responses.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 from collections.abc import Mapping
@@ -108,6 +109,10 @@ class UpstreamUnavailable(RegistryError):
     code, status, message = "UNAVAILABLE", 503, "upstream registry unavailable"
 
 
+class Overloaded(RegistryError):
+    code, status, message = "UNAVAILABLE", 503, "the mirror is overloaded, try again"
+
+
 class UpstreamInvalid(RegistryError):
     code, status, message = "UNAVAILABLE", 502, "upstream registry sent invalid content"
 
@@ -207,6 +212,14 @@ async def oci_errors(request: web.Request, handler: Handler) -> web.StreamRespon
         # The client went away mid-answer: nobody to tell, nothing went wrong here.
         log.debug("client left during %s %s: %s", request.method, request.path, exc)
         return web.Response(status=CLIENT_GONE)
+    except OSError as exc:
+        if exc.errno not in (errno.EMFILE, errno.ENFILE):
+            return _unexpected(request, exc)
+        # Out of descriptors is a load condition, not a fault: the client may
+        # retry, and the operator learns it from one (rate-limited) warning.
+        log.warning("out of open files answering %s %s: %s", request.method, request.path, exc)
+        overloaded = Overloaded("out of open files", headers={"Retry-After": "1"})
+        return error_response(overloaded, request.method)
     except Exception as exc:
         return _unexpected(request, exc)
 

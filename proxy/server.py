@@ -62,6 +62,10 @@ MAX_LINE = 8190
 MAX_REASON = 200
 # Refused connections lingering to deliver their 503 before closing.
 MAX_REFUSING = 128
+# Open files one client connection can hold at once: its socket and, for a cold
+# blob, the upstream connection, the partial file being written and the reader's
+# descriptor of it (a hit holds the socket and the blob file).
+FDS_PER_CONNECTION = 4
 # Connections accepted per wake-up of the listening socket.
 ACCEPT_BATCH = 64
 REFUSE_LINGER_SECONDS = 0.5
@@ -129,7 +133,7 @@ def raise_fd_limit() -> int:
 
 def connection_cap(settings: Settings, open_files: int) -> int:
     """max_connections, lowered to what the open-file limit can serve."""
-    fits = max((open_files - FD_RESERVE - MAX_REFUSING) // 2, 16)
+    fits = max((open_files - FD_RESERVE - MAX_REFUSING) // FDS_PER_CONNECTION, 16)
     if settings.max_connections > fits:
         log.warning(
             "max_connections %d is more than %d open files allow: using %d",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from aiohttp.test_utils import TestClient
 from proxy.app import create_app
 from proxy.errors import oci_errors
 from proxy.mirror import Mirror
+from proxy.server import FD_RESERVE, FDS_PER_CONNECTION, MAX_REFUSING, connection_cap
 from tests.support.mirror import settings_for
 
 Client = TestClient[Any, Any]
@@ -57,6 +59,31 @@ async def test_an_unexpected_exception_is_a_500_oci_body_logged_once(
     async with mirror.head("/v2/library/alpine/manifests/3.19") as resp:
         assert resp.status == 500
         assert resp.content_type == "application/json"
+
+
+async def test_out_of_open_files_is_a_503_to_retry_not_a_500(
+    mirror: Client, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def exhausted(self: Mirror, *args: object, **kwargs: object) -> None:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(Mirror, "blob", exhausted)
+    caplog.set_level(logging.DEBUG)
+    digest = "sha256:" + "a" * 64
+    async with mirror.get(f"/v2/library/alpine/blobs/{digest}") as resp:
+        assert resp.status == 503
+        assert resp.headers["Retry-After"] == "1"
+        error = await oci_error(resp)
+    assert error["code"] == "UNAVAILABLE"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not [r for r in caplog.records if r.exc_info]
+
+
+def test_the_connection_cap_leaves_four_descriptors_a_connection() -> None:
+    settings = settings_for(Path("unused"), "http://127.0.0.1:9")
+    cap = connection_cap(settings, open_files=1024)
+    assert cap * FDS_PER_CONNECTION + FD_RESERVE + MAX_REFUSING <= 1024
+    assert connection_cap(settings, open_files=1 << 20) == settings.max_connections
 
 
 async def test_aiohttp_own_errors_are_oci_bodies(mirror: Client) -> None:

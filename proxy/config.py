@@ -188,6 +188,7 @@ class Settings:
     upstream_rate_window: float = 10.0
     # Seconds for a whole manifest or tag-list answer (token, headers and body):
     # they are at most 4 MiB, so 30 s means the upstream is stuck, not slow.
+    # The same bounds the head of a blob answer (its body has the rate rule).
     manifest_timeout: float = 30.0
     # Seconds the check of a cached tag (one HEAD upstream) may take before the
     # cached digest is served stale: a stalled upstream costs pulls seconds,

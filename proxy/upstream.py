@@ -321,7 +321,8 @@ class UpstreamClient:
 
         The caller owns (and must release) the response. Transport failures raise
         UpstreamUnavailable. Only blob requests follow redirects. Manifest and
-        tag-list answers must be complete (body included) within manifest_timeout;
+        tag-list answers must be complete (body included) within manifest_timeout,
+        a blob answer's head too;
         ``deadline`` bounds the whole request, token included, more tightly (the
         check of a cached tag, which can be served stale instead).
         """
@@ -337,6 +338,12 @@ class UpstreamClient:
             url = url.with_query(query)
         blob = kind == "blobs"
         limits = None if blob else self._total(self.options.manifest_timeout)
+        if blob and (deadline is None or deadline > self.options.manifest_timeout):
+            # A blob's body is watched by the minimum-rate rule (copy_body), but
+            # its head is not: one byte every few seconds would keep a socket
+            # read timeout from ever firing. The head, token and redirects
+            # included, must come within manifest_timeout.
+            deadline = self.options.manifest_timeout
         limit = asyncio.timeout(deadline)
         try:
             async with limit:

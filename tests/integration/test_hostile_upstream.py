@@ -4,6 +4,7 @@ services, trickling bodies, stalls, and failures that must read as words."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -247,6 +248,51 @@ async def test_trickling_blob_is_abandoned_and_nothing_kept(
     fault.trickle = None  # a healthy upstream afterwards is fetched afresh
     async with mirror.get(URL_BLOB) as resp:
         assert await resp.read() == BLOB
+
+
+async def test_a_blob_answer_whose_head_trickles_is_abandoned(
+    aiohttp_client: Client, tmp_path: Path
+) -> None:
+    """One header byte at a time keeps a read timeout from firing: the head of a
+    blob answer has a deadline of its own."""
+    sent = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        line = await reader.readline()
+        while (await reader.readline()) not in (b"\r\n", b""):
+            pass
+        if line.split()[1] == b"/v2/":
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        else:
+            head = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nX-Pad: " + b"a" * 4000
+            with contextlib.suppress(ConnectionError):
+                for i in range(len(head)):
+                    writer.write(head[i : i + 1])
+                    await writer.drain()
+                    sent += 1
+                    await asyncio.sleep(0.1)
+        writer.close()
+
+    trickler = await asyncio.start_server(handler, "127.0.0.1", 0)
+    port = trickler.sockets[0].getsockname()[1]
+    try:
+        mirror = await aiohttp_client(
+            create_app(
+                settings_for(tmp_path / "cache", f"http://127.0.0.1:{port}", manifest_timeout=1.0)
+            )
+        )
+        started = time.monotonic()
+        async with mirror.get(URL_BLOB) as resp:
+            assert resp.status == 503
+            detail = (await resp.json())["errors"][0]["detail"]
+        elapsed = time.monotonic() - started
+    finally:
+        trickler.close()
+    assert detail == f"127.0.0.1:{port} did not answer within 1 s"
+    assert sent > 3  # it did trickle, and a socket read timeout never fired
+    assert elapsed < 5, f"a trickled head held the client {elapsed:.1f} s"
+    assert await eventually_empty(tmp_path / "cache")
 
 
 async def test_stalled_upstream_serves_a_cached_tag_stale_within_the_deadline(

@@ -258,12 +258,16 @@ class Mirror:
             if known is not None:
                 return _answer(known, "cache")
         entry = await self.tags.get(self._upstream_key, repository, tag, key)
-        if entry is None:
-            # Recorded by `pullthrough warm` or `import` for any client, as long
-            # as this one accepts what it is.
-            entry = await self.tags.get(self._upstream_key, repository, tag, ANY_CLIENT)
-            if entry is not None and not accepts(accept, entry.media_type):
-                entry = None
+        # Recorded by `pullthrough warm` or `import` for any client, as long as
+        # this one accepts what it is; the newer of the two wins (an import
+        # after a pull moves the tag for everyone, offline too).
+        everyone = await self.tags.get(self._upstream_key, repository, tag, ANY_CLIENT)
+        if (
+            everyone is not None
+            and accepts(accept, everyone.media_type)
+            and (entry is None or everyone.fetched_at > entry.fetched_at)
+        ):
+            entry = everyone
         cached = None
         if entry is not None:
             cached = await self.manifests.get(Digest.parse(entry.digest))

@@ -394,6 +394,10 @@ def _convert(name: str, value: Any, where: str, *, from_file: bool = False) -> A
             f"{where} is set but empty: give it a value, or unset it for anonymous pulls"
         )
     if isinstance(default, Path):
+        if not value.strip():
+            # Path("") is the current directory: a cache spread over wherever
+            # the server was started is never what an empty variable meant.
+            raise ConfigError(f"{where} is set but empty: give it a folder, or unset it")
         return Path(value)
     if isinstance(default, URL):
         try:

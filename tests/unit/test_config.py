@@ -40,6 +40,8 @@ def test_flags_beat_environment_beat_file(tmp_path: Path) -> None:
         ({"PULLTHROUGH_UPSTREAM_USERNAME": "bob"}, "go together"),
         ({"PULLTHROUGH_WORKERS": "0"}, "workers"),
         ({"PULLTHROUGH_LIBRARY_PREFIX": "maybe"}, "library_prefix"),
+        ({"PULLTHROUGH_CACHE_DIR": ""}, "cache_dir .* is set but empty"),
+        ({"PULLTHROUGH_CACHE_DIR": "  "}, "cache_dir .* is set but empty"),
     ],
 )
 def test_bad_values_are_refused_at_start_up(environ: dict[str, str], message: str) -> None:

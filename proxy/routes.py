@@ -199,6 +199,14 @@ async def blob(
     answer = await mirror.blob(repository, digest)
     if isinstance(answer, BlobHit):
         request[SOURCE] = "cache"
+        if request.headers.get("Range"):
+            try:
+                # FileResponse would answer an unsatisfiable range with a bare
+                # 416; the same check here gives it the OCI error body.
+                _byte_range(request, answer.size)
+            except RangeInvalid:
+                answer.close()
+                raise
         return _HeldFileResponse(answer, headers=_blob_headers(digest))
     request[SOURCE] = "upstream"
     try:

@@ -148,8 +148,13 @@ async def test_range_during_download_and_on_a_hit(
             assert resp.status == 206
             assert resp.headers["Content-Range"] == f"bytes 100-1099/{len(BLOB)}"
             assert await resp.read() == BLOB[100:1100]
-    async with mirror.get(URL_BLOB, headers={"Range": f"bytes={len(BLOB) + 5}-"}) as resp:
-        assert resp.status == 416
+    for unsatisfiable in (f"bytes={len(BLOB) + 5}-", "bytes=abc", "bytes=0-1,5-9"):
+        async with mirror.get(URL_BLOB, headers={"Range": unsatisfiable}) as resp:
+            assert resp.status == 416
+            assert resp.headers["Content-Range"] == f"bytes */{len(BLOB)}"
+            assert (await resp.json())["errors"][0]["code"] == "RANGE_INVALID"
+    async with mirror.get(URL_BLOB) as resp:  # the held file was let go
+        assert await resp.read() == BLOB
     assert fault.count("GET", "blobs") == 1
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import diskcache
 
-from cache.space import WriteFailures
+from cache.space import WriteFailures, keep_reserve, release_reserve
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,15 +56,33 @@ class TagIndex:
     """
 
     def __init__(self, directory: Path, failures: WriteFailures | None = None) -> None:
-        self._cache = diskcache.Cache(
+        # Beside the index (<directory>.reserve): space SQLite can have when a
+        # full disk would keep it from opening (cache/space.py).
+        reserve = directory.with_name(directory.name + ".reserve")
+        try:
+            self._cache, self._listings = self._open(directory)
+        except (sqlite3.OperationalError, OSError):
+            if not release_reserve(reserve):
+                raise
+            self._cache, self._listings = self._open(directory)
+        keep_reserve(reserve)
+        self._failures = failures or WriteFailures()
+
+    @staticmethod
+    def _open(directory: Path) -> tuple[diskcache.Cache, diskcache.Cache]:
+        entries = diskcache.Cache(
             str(directory), eviction_policy="none", size_limit=ENTRIES_SIZE_LIMIT
         )
-        self._listings = diskcache.Cache(
-            str(directory / "listings"),
-            eviction_policy="least-recently-stored",
-            size_limit=LISTINGS_SIZE_LIMIT,
-        )
-        self._failures = failures or WriteFailures()
+        try:
+            listings = diskcache.Cache(
+                str(directory / "listings"),
+                eviction_policy="least-recently-stored",
+                size_limit=LISTINGS_SIZE_LIMIT,
+            )
+        except BaseException:
+            entries.close()
+            raise
+        return entries, listings
 
     def _set_or_forget(self, cache: diskcache.Cache, key: str, value: object) -> None:
         """Record ``key``, unless the disk cannot take it (full, failing): then the

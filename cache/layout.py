@@ -19,6 +19,9 @@ The whole on-disk layout, in one place::
                                                repository, tag, accept) -> (digest,
                                                media type, time fetched), and the pins
       index/listings/                          diskcache: tag list pages (bounded, LRU)
+      index.reserve                            16 MiB set aside, given back when a full
+                                               disk keeps the index from opening
+                                               (cache/space.py)
       upstreams.json, upstreams/<name>/        the upstreams a server ran with, and the
                                                stores of those with credentials
                                                (cache/stores.py)

@@ -10,11 +10,14 @@ is committed again, for ``/readyz``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -89,3 +92,45 @@ class WriteFailures:
     def committed(self) -> None:
         """Something was written whole: there is room again."""
         self._full = False
+
+
+# Space set aside in the cache for the tag index. SQLite needs room to open at all
+# (its -wal and -shm files): on a disk that something filled, the mirror would not
+# start, nor could `gc --delete` free anything. Releasing this lets them open.
+RESERVE_BYTES = 16 << 20
+
+
+def keep_reserve(path: Path) -> None:
+    """Set the reserve aside at ``path`` if it is missing and there is plenty of
+    room (best effort: a disk that cannot spare it goes without)."""
+    if path.exists():
+        return
+    partial = path.with_name(path.name + ".partial")
+    try:
+        free = os.statvfs(path.parent)
+        if free.f_bavail * free.f_frsize < 4 * RESERVE_BYTES:
+            return
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, RESERVE_BYTES)
+        finally:
+            os.close(fd)
+        partial.rename(path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+
+
+def release_reserve(path: Path) -> bool:
+    """Give the reserve's space back to the disk; False when there was none."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    log.warning(
+        "the disk under %s is full: released the %d MiB set aside for the tag index; "
+        "free some space (or set max_size) so the mirror can keep what it fetches",
+        path.parent,
+        RESERVE_BYTES >> 20,
+    )
+    return True

@@ -26,7 +26,7 @@ import pytest
 
 from cache.index import TagIndex
 from tests.support.images import ALPINE, BIG, DOCKER_MANIFEST_LIST, seed_images
-from tests.support.mirror import MirrorProcess
+from tests.support.mirror import MirrorProcess, workers_of
 from tests.support.processes import free_port
 from tests.support.registry import Registry
 
@@ -486,17 +486,6 @@ def serve_once(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
         timeout=60,
         check=False,
     )
-
-
-def workers_of(pid: int) -> set[int]:
-    """The worker processes of server ``pid`` (not multiprocessing's helper)."""
-    found = set()
-    with contextlib.suppress(FileNotFoundError):  # it may be exiting
-        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
-            with contextlib.suppress(FileNotFoundError):
-                if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
-                    found.add(int(child))
-    return found
 
 
 def test_a_killed_worker_is_replaced_and_pulls_go_on(

@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import signal
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,10 +22,17 @@ from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from cache.blobs import BlobSink
+from cache.space import RESERVE_BYTES
 from proxy.app import create_app
 from proxy.keys import MIRRORS
 from tests.support.images import ACCEPT_ALL_MANIFESTS, HELLO, Blob, Image, make_image
-from tests.support.mirror import blob_files, settings_for, temp_files
+from tests.support.mirror import (
+    MirrorProcess,
+    blob_files,
+    settings_for,
+    temp_files,
+    workers_of,
+)
 from tests.support.registry import AccessLogEntry, Registry
 from tests.support.tmpfs import fill, free_bytes, tmpfs
 
@@ -262,3 +272,55 @@ async def test_a_follower_in_another_worker_goes_on_when_the_writer_gives_up(
     assert temp_files(small_disk / "cache") == []
     # The follower's worker fetched it again for itself: one upstream GET each.
     assert len(await upstream_blob_gets(upstream, mark, blob)) == 2
+
+
+def _get(url: str, accept: str | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        return resp.status, resp.read()
+
+
+def test_a_full_disk_does_not_keep_the_mirror_from_starting(
+    small_disk: Path, upstream: Registry, tmp_path: Path, stop_later: list[MirrorProcess]
+) -> None:
+    """SQLite cannot open the tag index on a full disk: the space set aside for it
+    is given back, so a restart (or a replaced worker) serves what is cached."""
+    hello = upstream.images[HELLO]
+    name = hello.name.removeprefix("library/")
+    small = layer(hello)
+    cache = small_disk / "cache"
+    mirror = MirrorProcess(cache, upstream.url, workers=2)
+    mirror.log = tmp_path / "mirror.log"  # the log must not need the full disk
+    stop_later.append(mirror)
+    mirror.start()
+    manifest_url = f"{mirror.url}/v2/{name}/manifests/{hello.digest}"
+    blob_url = f"{mirror.url}/v2/{name}/blobs/{small.digest}"
+    assert _get(manifest_url, ACCEPT_ALL_MANIFESTS) == (200, hello.top.data)
+    assert _get(blob_url) == (200, small.data)
+    mirror.stop()
+    assert (cache / "index.reserve").stat().st_size == RESERVE_BYTES
+
+    fill(small_disk)
+    assert free_bytes(small_disk) == 0
+    mirror.start()
+    assert mirror.proc is not None
+    assert _get(manifest_url, ACCEPT_ALL_MANIFESTS) == (200, hello.top.data)
+    assert _get(blob_url) == (200, small.data)
+    assert not (cache / "index.reserve").exists()
+    # A worker that dies on the full disk is replaced, and serves too.
+    deadline = time.monotonic() + 20
+    while len(workers_of(mirror.proc.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    before = workers_of(mirror.proc.pid)
+    os.kill(min(before), signal.SIGKILL)
+    while time.monotonic() < deadline and len(workers_of(mirror.proc.pid) - before) < 1:
+        time.sleep(0.05)
+    new = workers_of(mirror.proc.pid) - before
+    assert len(new) == 1
+    while f"worker pid {min(new)} serving" not in mirror.log.read_text():
+        assert time.monotonic() < deadline, mirror.log.read_text()[-2000:]
+        time.sleep(0.05)
+    for _ in range(20):  # both workers answer, whichever takes the connection
+        assert _get(blob_url) == (200, small.data)
+    assert mirror.proc.poll() is None
+    assert "Traceback" not in mirror.log.read_text()

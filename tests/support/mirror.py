@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import resource
 import subprocess
@@ -142,3 +143,14 @@ def run_cli(
         timeout=120,
         check=False,
     )
+
+
+def workers_of(pid: int) -> set[int]:
+    """The worker processes of server ``pid`` (not multiprocessing's helper)."""
+    found = set()
+    with contextlib.suppress(FileNotFoundError):  # it may be exiting
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            with contextlib.suppress(FileNotFoundError):
+                if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    found.add(int(child))
+    return found

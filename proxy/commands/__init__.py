@@ -4,6 +4,7 @@ any of them under one error policy: 0 done, 1 failed with one line on stderr."""
 from __future__ import annotations
 
 import argparse
+import sqlite3
 from collections.abc import Callable
 
 from rich.console import Console
@@ -38,7 +39,9 @@ def run(command: Command, args: argparse.Namespace, settings: Settings) -> int:
         return fail(f"{exc.code}: {exc.message} ({exc.detail})")
     except (CommandError, TransferError, CacheError) as exc:
         return fail(exc)
-    except OSError as exc:  # an unreadable cache, a full disk: one line, no traceback
+    except (OSError, sqlite3.Error) as exc:
+        # An unreadable cache, a full disk (the tag index is SQLite): one line,
+        # no traceback.
         return fail(exc)
 
 

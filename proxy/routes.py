@@ -15,6 +15,7 @@ from cache.blobs import Abandoned, OpenBlob, Tracker
 from cache.digests import Digest
 from cache.errors import DownloadFailed, InvalidDigest, UnsupportedDigest
 from proxy import names
+from proxy.access import authorize_pull
 from proxy.errors import (
     ManifestUnknown,
     PaginationInvalid,
@@ -70,6 +71,7 @@ async def registry(request: web.Request) -> web.StreamResponse:
     try:
         mirror, name = route(request, match["name"])
         repository = names.repository(name, docker_hub_rules=mirror.library_prefix)
+        await authorize_pull(request, mirror.name, repository)
         if kind == "manifest":
             response = await manifest(request, mirror, repository, manifest_reference(match["ref"]))
         elif kind == "blob":
@@ -372,10 +374,17 @@ async def readyz(request: web.Request) -> web.Response:
 _CACHE_STATES = ("writable", "full", "not writable")
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
+def add_routes(app: web.Application, *, service_endpoints: bool = True) -> None:
+    """The registry API; and /metrics, /readyz, /healthz unless they have their
+    own listener (``metrics_listen``)."""
+    if service_endpoints:
+        add_service_routes(app)
     app.router.add_get("/v2/", ping)
     app.router.add_get("/v2", ping)
-    app.router.add_get("/metrics", metrics)
     app.router.add_route("*", "/v2/{path:.+}", registry)
+
+
+def add_service_routes(app: web.Application) -> None:
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)

@@ -7,9 +7,11 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -71,8 +73,13 @@ class MirrorProcess:
         env: dict[str, str] | None = None,
         config: Path | None = None,
         open_files: int | None = None,
+        args: tuple[str, ...] = (),
+        ca: Path | None = None,
     ) -> None:
         self.config = config
+        # More flags for `serve`; with ``ca`` the mirror speaks HTTPS, trusted by it.
+        self.args = args
+        self.ca = ca
         # An open-file limit (soft and hard) for the server, as `ulimit -n` sets.
         self.open_files = open_files
         self.cache_dir = cache_dir
@@ -80,7 +87,7 @@ class MirrorProcess:
         self.workers = workers
         self.env = env or {}
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if ca else 'http'}://127.0.0.1:{self.port}"
         self.log = cache_dir.parent / f"mirror-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -100,6 +107,7 @@ class MirrorProcess:
                     f"--workers={self.workers}",
                     "--read-timeout=15",
                     *([f"--config={self.config}"] if self.config else []),
+                    *self.args,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -107,13 +115,16 @@ class MirrorProcess:
                 start_new_session=True,
                 preexec_fn=None if self.open_files is None else self._limit_open_files,
             )
+        context = None if self.ca is None else ssl.create_default_context(cafile=self.ca)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"mirror exited: {self.log.read_text()}")
             try:
-                with urllib.request.urlopen(f"{self.url}/v2/", timeout=1):
+                with urllib.request.urlopen(f"{self.url}/v2/", timeout=1, context=context):
                     return
+            except urllib.error.HTTPError:
+                return  # an answer (401 when users must log in): it serves
             except OSError:
                 time.sleep(0.05)
         self.kill()  # a mirror that never answered must not outlive the test

@@ -1,0 +1,116 @@
+"""Is a repository public? Asked of the upstream anonymously, once, and remembered.
+
+An upstream with credentials serves the mirror what only those credentials can
+read. Before an anonymous client gets anything of such an upstream, the
+upstream is asked the same thing without them: ``GET /v2/<name>/tags/list?n=1``
+with an anonymous token, which needs exactly the pull right and which Docker Hub
+does not count against its rate limit. 2xx and 404 mean anonymous clients of
+the upstream itself may see the repository (a 404 says no more than the upstream
+says to anyone); 401 and 403 mean they may not (Docker Hub answers 401 also for
+repositories that do not exist, distribution with token auth when the token
+lacks the right). The answer is kept ``VISIBILITY_SECONDS`` per worker; when the
+upstream cannot be asked, the last answer stands, and with none the client gets
+503 (the same for every repository, so it tells nothing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from cache.inflight import SingleFlight
+from proxy.errors import Unauthorized, UpstreamUnavailable
+from proxy.keys import SETTINGS
+from proxy.upstream import UpstreamClient, UpstreamOptions, new_session
+
+log = logging.getLogger(__name__)
+
+# A repository turned private upstream is still served to anonymous clients for
+# at most this long (a tag's default freshness).
+VISIBILITY_SECONDS = 300.0
+VISIBILITY_MAX = 65_536
+
+
+class Visibility:
+    """Remembers, per upstream and repository, whether anonymous pulls are allowed."""
+
+    def __init__(self, clients: dict[str, UpstreamClient], ttl: float = VISIBILITY_SECONDS) -> None:
+        self._clients = clients
+        self._ttl = ttl
+        self._known: OrderedDict[tuple[str, str], tuple[float, bool]] = OrderedDict()
+        self._flights: SingleFlight[tuple[str, str], bool] = SingleFlight()
+
+    async def public(self, upstream: str, repository: str) -> bool:
+        key = (upstream, repository)
+        known = self._known.get(key)
+        if known is not None and known[0] > time.monotonic():
+            return known[1]
+        try:
+            public, _ = await self._flights.run(key, lambda: self._ask(upstream, repository))
+        except UpstreamUnavailable:
+            if known is not None:
+                return known[1]  # the last answer, rather than nothing
+            raise
+        self._known[key] = (time.monotonic() + self._ttl, public)
+        self._known.move_to_end(key)
+        while len(self._known) > VISIBILITY_MAX:
+            self._known.popitem(last=False)
+        return public
+
+    async def _ask(self, upstream: str, repository: str) -> bool:
+        client = self._clients.get(upstream)
+        if client is None:  # offline: nothing to ask, so nothing is public
+            return False
+        try:
+            resp = await client.request("GET", repository, "tags", "list", query={"n": "1"})
+        except Unauthorized:  # the token realm gives anonymous clients nothing
+            return False
+        except UpstreamUnavailable as exc:
+            raise UpstreamUnavailable(
+                f"cannot tell whether {repository} is public: {exc.detail}"
+            ) from None
+        status = resp.status
+        resp.release()
+        if status < 300 or status == 404:
+            public = True
+        elif status == 429 or status >= 500:
+            raise UpstreamUnavailable(
+                f"cannot tell whether {repository} is public: upstream answered {status}"
+            )
+        else:
+            public = False
+        log.debug("upstream %s: %s is %s", upstream, repository, "public" if public else "private")
+        return public
+
+
+VISIBILITY = web.AppKey("visibility", Visibility)
+
+
+async def serve_visibility(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx: anonymous clients of the upstreams with credentials, on a
+    session of their own (the mirror's clients must never lend them a token)."""
+    settings = app[SETTINGS]
+    session = new_session(settings)
+    options = UpstreamOptions.from_settings(settings)
+    clients = {
+        up.name: UpstreamClient(
+            dataclasses.replace(up, username=None, password=None), session, options=options
+        )
+        for up in settings.all_upstreams()
+        if up.has_credentials and not (settings.offline if up.offline is None else up.offline)
+    }
+    app[VISIBILITY] = Visibility(clients)
+    try:
+        yield
+    finally:
+        await session.close()
+
+
+def install(app: web.Application) -> None:
+    """Ask the upstreams with credentials about repositories, for this app."""
+    app.cleanup_ctx.append(serve_visibility)

@@ -366,10 +366,13 @@ def add_token_route(app: web.Application) -> None:
     app.router.add_get(TOKEN_PATH, issue_token)
 
 
-async def authorize_pull(request: web.Request, upstream: str, repository: str) -> None:
+async def authorize_pull(
+    request: web.Request, upstream: str, repository: str, kind: str = "", reference: str = ""
+) -> None:
     """Refuse a pull the client may not make: 403 DENIED for a user without the
     right, 401 for an anonymous client (the same for private and absent
-    repositories)."""
+    repositories). ``kind`` ("manifests", "blobs") and ``reference`` name what
+    is asked for in the repository, when it is content."""
     access = request.app.get(ACCESS)
     if access is None:
         return
@@ -383,8 +386,12 @@ async def authorize_pull(request: web.Request, upstream: str, repository: str) -
         return
     if not allowed:
         raise Unauthorized(what)
-    private = upstream in access.credentialed and not await request.app[VISIBILITY].public(
-        upstream, repository
-    )
-    if private:
+    if upstream not in access.credentialed:
+        return
+    visibility = request.app[VISIBILITY]
+    if not await visibility.public(upstream, repository):
+        raise Unauthorized(what)
+    # Content by digest comes from a cache shared by all the upstream's
+    # repositories: the upstream must say this public one holds it.
+    if ":" in reference and not await visibility.holds(upstream, repository, kind, reference):
         raise Unauthorized(what)

@@ -71,7 +71,8 @@ async def registry(request: web.Request) -> web.StreamResponse:
     try:
         mirror, name = route(request, match["name"])
         repository = names.repository(name, docker_hub_rules=mirror.library_prefix)
-        await authorize_pull(request, mirror.name, repository)
+        content = match.groupdict().get("kind", ""), match.groupdict().get("ref", "")
+        await authorize_pull(request, mirror.name, repository, *content)
         if kind == "manifest":
             response = await manifest(request, mirror, repository, manifest_reference(match["ref"]))
         elif kind == "blob":

@@ -56,11 +56,49 @@ class Visibility:
             if known is not None:
                 return known[1]  # the last answer, rather than nothing
             raise
-        self._known[key] = (time.monotonic() + self._ttl, public)
+        self._remember(key, public)
+        return public
+
+    async def holds(self, upstream: str, repository: str, kind: str, digest: str) -> bool:
+        """Whether an anonymous client of the upstream gets ``digest`` from this
+        (public) repository. The cache serves content by digest, whichever
+        repository it came from: without this, an anonymous client naming a
+        public repository could read a private image's cached layers by digest.
+        """
+        key = (upstream, f"{repository}\0{kind}\0{digest}")
+        known = self._known.get(key)
+        if known is not None and known[0] > time.monotonic():
+            return known[1]
+        try:
+            held, _ = await self._flights.run(
+                key, lambda: self._ask_digest(upstream, repository, kind, digest)
+            )
+        except UpstreamUnavailable:
+            if known is not None:
+                return known[1]
+            raise
+        self._remember(key, held)
+        return held
+
+    async def _ask_digest(self, upstream: str, repository: str, kind: str, digest: str) -> bool:
+        client = self._clients.get(upstream)
+        if client is None:
+            return False
+        try:
+            resp = await client.request("HEAD", repository, kind, digest)
+        except Unauthorized:
+            return False
+        status = resp.status
+        resp.release()
+        if status == 429 or status >= 500:
+            raise UpstreamUnavailable(f"cannot tell whether {repository} holds {digest}: {status}")
+        return status < 400
+
+    def _remember(self, key: tuple[str, str], value: bool) -> None:
+        self._known[key] = (time.monotonic() + self._ttl, value)
         self._known.move_to_end(key)
         while len(self._known) > VISIBILITY_MAX:
             self._known.popitem(last=False)
-        return public
 
     async def _ask(self, upstream: str, repository: str) -> bool:
         client = self._clients.get(upstream)

@@ -225,6 +225,18 @@ def test_a_user_with_the_right_pulls_private_content_one_without_gets_denied(
     granted = fetch(secure, "/v2/private/secret/manifests/1", creds=CAROL)
     assert granted.status == 200
     assert granted.body == secret.top.data
+    layer = secret.blobs[-1]
+    assert fetch(secure, f"/v2/private/secret/blobs/{layer.digest}", creds=CAROL).body == (
+        layer.data
+    )
+    # Cached now, and the cache serves by digest: naming a public repository
+    # does not get an anonymous client the private layer, nor the manifest.
+    for path in (f"blobs/{layer.digest}", f"manifests/{secret.digest}"):
+        sideways = fetch(secure, f"/v2/library/hello/{path}")
+        assert sideways.status == 401, path
+    hello = upstream.images[HELLO]
+    own = hello.blobs[-1]
+    assert fetch(secure, f"/v2/library/hello/blobs/{own.digest}").body == own.data
     assert fetch(secure, "/v2/", creds=CAROL).status == 200
     # dave may pull the rest.
     assert fetch(secure, "/v2/library/hello/manifests/latest", creds=DAVE).status == 200

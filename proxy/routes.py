@@ -43,6 +43,8 @@ MAX_ECHO = 256
 # How often a reader may start over when the download it followed in another
 # process was abandoned before sending it anything.
 FOLLOW_ATTEMPTS = 3
+# Bytes read and written at a time for a cached blob sent over TLS.
+TLS_CHUNK = 1 << 20
 
 
 async def ping(request: web.Request) -> web.Response:
@@ -238,6 +240,15 @@ class SentFileResponse(web.FileResponse):
         self, request: web.BaseRequest, fobj: IO[Any], offset: int, count: int
     ) -> AbstractStreamWriter:
         try:
+            transport = request.transport
+            if transport is not None and transport.get_extra_info("sslcontext") is not None:
+                # No sendfile through TLS. asyncio's stand-in for it on TLS
+                # transports sends a third of what aiohttp's own copy does, and
+                # (3.11) fails with AttributeError when the client leaves midway.
+                self._chunk_size = TLS_CHUNK
+                writer = await web.StreamResponse.prepare(self, request)
+                assert writer is not None
+                return await self._sendfile_fallback(writer, fobj, offset, count)
             return await super()._sendfile(request, fobj, offset, count)
         finally:
             request[BODY_BYTES] = max(fobj.tell() - offset, 0)

@@ -563,3 +563,110 @@ def test_cached_blobs_over_https_are_whole_ranged_and_a_client_leaving_is_no_err
     text = log.read_text()
     assert "SSL connection is closed" not in text
     assert "Traceback" not in text
+
+
+# ------------------------------------------------------------------------ nginx in front
+
+
+def test_behind_nginx_terminating_tls_as_the_readme_configures_it(
+    upstream: Registry, skopeo_cli: Skopeo, tmp_path: Path
+) -> None:
+    """The README's nginx server block, with this test's ports and files."""
+    nginx = require_binary("nginx")
+    ca = LocalCA(tmp_path / "ca")
+    cert, key = tmp_path / "mirror.crt", tmp_path / "mirror.key"
+    ca.issue("nginx front", cert, key)
+    users = tmp_path / "htpasswd"
+    users.write_text(htpasswd_line(*CAROL))
+    config = tmp_path / "pullthrough.toml"
+    config.write_text(f'htpasswd = "{users}"\ntrusted_proxies = ["127.0.0.1/32"]\n')
+    mirror = MirrorProcess(
+        tmp_path / "cache",
+        upstream.url,
+        config=config,
+        env={
+            "PULLTHROUGH_UPSTREAM_USERNAME": ALICE[0],
+            "PULLTHROUGH_UPSTREAM_PASSWORD": ALICE[1],
+        },
+    )
+    port = free_port()
+    work = tmp_path / "nginx"
+    (work / "tmp").mkdir(parents=True)
+    (work / "nginx.conf").write_text(
+        (f"user {os.environ.get('USER', 'root')};\n" if os.geteuid() == 0 else "")
+        + f"""daemon off; worker_processes 1; pid {work}/nginx.pid;
+error_log {work}/error.log;
+events {{ worker_connections 128; }}
+http {{
+  access_log off;
+  client_body_temp_path {work}/tmp; proxy_temp_path {work}/tmp;
+  fastcgi_temp_path {work}/tmp; uwsgi_temp_path {work}/tmp; scgi_temp_path {work}/tmp;
+  server {{
+    listen 127.0.0.1:{port} ssl http2;
+    server_name mirror.example;
+    ssl_certificate     {cert};
+    ssl_certificate_key {key};
+    client_max_body_size 0;
+    proxy_buffering off;
+    proxy_request_buffering off;
+    proxy_read_timeout 900s;
+    location / {{
+      proxy_pass http://127.0.0.1:{mirror.port};
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $http_host;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto $scheme;
+      proxy_set_header X-Forwarded-Host $http_host;
+    }}
+  }}
+}}
+"""
+    )
+    front = subprocess.Popen(
+        [nginx, "-c", str(work / "nginx.conf"), "-e", str(work / "error.log")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        mirror.start()
+        secure = Secure(mirror, ca, cert, key, 0)
+        secure.mirror.url = f"https://127.0.0.1:{port}"  # clients see only nginx
+        for _ in range(100):
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            time.sleep(0.05)
+        ping = fetch(secure, "/v2/")
+        assert ping.status == 401
+        # The realm is where the client connected: nginx, over https.
+        assert ping.headers["WWW-Authenticate"].startswith(
+            f'Bearer realm="https://127.0.0.1:{port}/token"'
+        )
+        hello, secret = upstream.images[HELLO], upstream.images[SECRET]
+        base = ["copy", "--src-cert-dir", str(ca.directory)]
+        src = f"docker://127.0.0.1:{port}"
+        skopeo_cli.run(
+            *base, "--src-no-creds", f"{src}/library/hello:latest", f"dir:{tmp_path / 'h'}"
+        )
+        assert dir_manifest(tmp_path / "h") == hello.top.data
+        refused = skopeo_cli.run(
+            *base, "--src-no-creds", f"{src}/private/secret:1", f"dir:{tmp_path / 'x'}", check=False
+        )
+        assert refused.returncode != 0
+        skopeo_cli.run(
+            *base,
+            "--src-creds",
+            ":".join(CAROL),
+            f"{src}/private/secret:1",
+            f"dir:{tmp_path / 's'}",
+        )
+        assert dir_manifest(tmp_path / "s") == secret.top.data
+        # Failed logins are logged (and limited) by the address nginx forwarded.
+        wrong = fetch(secure, "/v2/", creds=(CAROL[0], "wrong"))
+        assert wrong.status == 401
+        assert "failed login for user 'carol' from 127.0.0.1" in mirror.log.read_text()
+    finally:
+        front.terminate()
+        front.wait(10)
+        mirror.stop()

@@ -89,6 +89,10 @@ def read_htpasswd(path: Path) -> dict[str, bytes]:
                 f"htpasswd {path} line {number} ({user}): not a bcrypt hash; "
                 "write it with `htpasswd -B`"
             )
+        if user in (ANONYMOUS, EVERY_USER):
+            # Rules use these names for clients without credentials and for all
+            # users: a user so named would get their rights.
+            raise HtpasswdError(f"htpasswd {path} line {number}: {user!r} is a reserved name")
         users[user] = encoded
     return users
 

@@ -49,6 +49,9 @@ def test_htpasswd_takes_bcrypt_entries_and_names_the_line_of_others(tmp_path: Pa
     path.write_text("just-a-name\n")
     with pytest.raises(HtpasswdError, match="line 1: not user:hash"):
         read_htpasswd(path)
+    path.write_text(entry("anonymous", "x") + "\n")
+    with pytest.raises(HtpasswdError, match="reserved name"):
+        read_htpasswd(path)
     with pytest.raises(HtpasswdError, match="cannot read"):
         read_htpasswd(tmp_path / "missing")
 

@@ -43,8 +43,6 @@ MAX_ECHO = 256
 # How often a reader may start over when the download it followed in another
 # process was abandoned before sending it anything.
 FOLLOW_ATTEMPTS = 3
-# Bytes read and written at a time for a cached blob sent over TLS.
-TLS_CHUNK = 1 << 20
 
 
 async def ping(request: web.Request) -> web.Response:
@@ -226,6 +224,10 @@ async def blob(
         finally:
             tracker.close()
     raise DownloadFailed(f"could not follow the download of {digest}")
+
+
+# Bytes read and written at a time for a cached blob sent over TLS.
+TLS_CHUNK = 1 << 20
 
 
 class SentFileResponse(web.FileResponse):

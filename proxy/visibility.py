@@ -15,15 +15,16 @@ upstream cannot be asked, the last answer stands, and with none the client gets
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 
 from aiohttp import web
 
-from cache.inflight import SingleFlight
 from proxy.errors import Unauthorized, UpstreamUnavailable
 from proxy.keys import SETTINGS
 from proxy.upstream import UpstreamClient, UpstreamOptions, new_session
@@ -43,7 +44,8 @@ class Visibility:
         self._clients = clients
         self._ttl = ttl
         self._known: OrderedDict[tuple[str, str], tuple[float, bool]] = OrderedDict()
-        self._flights: SingleFlight[tuple[str, str], bool] = SingleFlight()
+        # One question upstream at a time per key; the others wait for its answer.
+        self._asking: dict[tuple[str, str], asyncio.Task[bool]] = {}
 
     async def public(self, upstream: str, repository: str) -> bool:
         key = (upstream, repository)
@@ -51,7 +53,7 @@ class Visibility:
         if known is not None and known[0] > time.monotonic():
             return known[1]
         try:
-            public, _ = await self._flights.run(key, lambda: self._ask(upstream, repository))
+            public = await self._once(key, lambda: self._ask(upstream, repository))
         except UpstreamUnavailable:
             if known is not None:
                 return known[1]  # the last answer, rather than nothing
@@ -70,7 +72,7 @@ class Visibility:
         if known is not None and known[0] > time.monotonic():
             return known[1]
         try:
-            held, _ = await self._flights.run(
+            held = await self._once(
                 key, lambda: self._ask_digest(upstream, repository, kind, digest)
             )
         except UpstreamUnavailable:
@@ -93,6 +95,22 @@ class Visibility:
         if status == 429 or status >= 500:
             raise UpstreamUnavailable(f"cannot tell whether {repository} holds {digest}: {status}")
         return status < 400
+
+    async def _once(
+        self, key: tuple[str, str], ask: Callable[[], Coroutine[Any, Any, bool]]
+    ) -> bool:
+        task = self._asking.get(key)
+        if task is None:
+            task = asyncio.ensure_future(ask())
+            self._asking[key] = task
+            task.add_done_callback(lambda done: self._done(key, done))
+        # Shielded: a client that leaves does not cancel the question for the others.
+        return await asyncio.shield(task)
+
+    def _done(self, key: tuple[str, str], task: asyncio.Task[bool]) -> None:
+        self._asking.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # retrieved, also when every asker left
 
     def _remember(self, key: tuple[str, str], value: bool) -> None:
         self._known[key] = (time.monotonic() + self._ttl, value)

@@ -44,7 +44,7 @@ from tests.integration.test_clients import (
 )
 from tests.support.binaries import require_binary
 from tests.support.images import BIG, HELLO, SECRET
-from tests.support.mirror import MirrorProcess, free_port
+from tests.support.mirror import MirrorProcess
 from tests.support.pki import LocalCA
 from tests.support.registry import Registry
 from tests.support.skopeo import Skopeo, dir_blob_digests, dir_manifest
@@ -54,6 +54,13 @@ from tests.support.tokenserver import ALICE
 CAROL = ("carol", "carol-secret")
 DAVE = ("dave", "dave-secret")
 ACCEPT = "application/vnd.docker.distribution.manifest.v2+json"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def htpasswd_line(user: str, password: str) -> str:

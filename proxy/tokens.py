@@ -30,6 +30,8 @@ from aiohttp import web
 # Clients refresh before expiry; a user removed from htpasswd (and a SIGHUP) is
 # refused at once regardless, since the user is looked up on every request.
 TOKEN_SECONDS = 300
+# Tokens remembered as checked, at most (the oldest go first).
+SEEN_MAX = 10_000
 SERVICE = "pullthrough"
 TOKEN_PATH = "/token"  # noqa: S105 - a path, not a secret
 _HOST = re.compile(r"^[A-Za-z0-9.\-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
@@ -51,6 +53,7 @@ class Tokens:
     def __init__(self, key: bytes, lifetime: int = TOKEN_SECONDS) -> None:
         self._key = key
         self.lifetime = lifetime
+        self._seen: dict[str, tuple[str | None, float]] = {}
 
     def issue(self, user: str | None) -> str:
         payload = json.dumps(
@@ -60,7 +63,21 @@ class Tokens:
         return f"{_b64(payload)}.{_b64(signature)}"
 
     def verify(self, token: str) -> str | None:
-        """The user a token names (None: anonymous); InvalidToken otherwise."""
+        """The user a token names (None: anonymous); InvalidToken otherwise.
+
+        A token checked once is remembered until it expires: a client sends the
+        same one with every request, and a lookup is cheaper than its HMAC.
+        """
+        seen = self._seen.get(token)
+        if seen is not None and seen[1] > time.time():
+            return seen[0]
+        user, expires = self._check(token)
+        self._seen[token] = (user, expires)
+        while len(self._seen) > SEEN_MAX:
+            self._seen.pop(next(iter(self._seen)))
+        return user
+
+    def _check(self, token: str) -> tuple[str | None, float]:
         encoded, dot, signed = token.strip().partition(".")
         try:
             payload, signature = _unb64(encoded), _unb64(signed)
@@ -70,10 +87,11 @@ class Tokens:
         if not dot or not hmac.compare_digest(signature, expected):
             raise InvalidToken("token not issued by this mirror")
         claims = json.loads(payload)
-        if claims["exp"] < time.time():
+        expires = float(claims["exp"])
+        if expires < time.time():
             raise InvalidToken("token expired")
         user: str = claims["sub"]
-        return user or None
+        return user or None, expires
 
 
 def origin(request: web.Request, forwarded: tuple[str | None, str | None]) -> str:

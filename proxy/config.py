@@ -468,6 +468,12 @@ def _convert(name: str, value: Any, where: str, *, from_file: bool = False) -> A
         if text:
             raise wrong("[[access]] tables in the config file")
         return parse_access(value)
+    if name in _OPTIONAL_PATHS:
+        if not text:
+            raise wrong("a path")
+        if not value.strip():
+            raise ConfigError(f"{where} is set but empty: give it a file, or unset it")
+        return Path(value)
     if name == "max_size":
         try:
             return parse_size(_typed(value, str | int | float))
@@ -489,7 +495,7 @@ def _convert(name: str, value: Any, where: str, *, from_file: bool = False) -> A
         raise ConfigError(
             f"{where} is set but empty: give it a value, or unset it for anonymous pulls"
         )
-    if isinstance(default, Path) or name in _OPTIONAL_PATHS:
+    if isinstance(default, Path):
         return Path(value)
     if isinstance(default, URL):
         try:

@@ -132,6 +132,8 @@ def test_access_rules_are_checked_at_start_up(tmp_path: Path) -> None:
         ('htpasswd = "/x"\n[[access]]\npush = ["anonymous"]\n', "never push"),
         ('htpasswd = "/x"\n[[access]]\nrepo = "a"\n', "unknown setting"),
         ('tls_cert = "/c"\n', "go together"),
+        ('htpasswd = ""\n', "set but empty"),
+        ("htpasswd = 1\n", "a path"),
         ('metrics_listen = "9102"\n', "host:port"),
         ('trusted_proxies = ["10.0.0.0/33"]\n', "trusted_proxies"),
     ):

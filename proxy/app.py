@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import threading
 from collections.abc import AsyncIterator
 
@@ -15,11 +16,14 @@ from cache.layout import Layout
 from cache.scrub import Scrubber
 from cache.stores import KnownUpstream
 from metrics import CacheUsage, Metrics
+from proxy import visibility
+from proxy.access import ACCESS, Access, add_token_route, authenticate
 from proxy.config import Settings
 from proxy.errors import oci_errors
+from proxy.forwarded import TRUSTED, forwarded_for, networks
 from proxy.keys import METRICS, MIRRORS, SETTINGS
 from proxy.resources import open_mirrors
-from proxy.routes import add_routes, answer_namespace, count_served_bytes
+from proxy.routes import add_routes, add_service_routes, answer_namespace, count_served_bytes
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +91,34 @@ def _scrub(
     return thread
 
 
-def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
-    app = web.Application(middlewares=[oci_errors], client_max_size=64 * 1024)
+def create_app(
+    settings: Settings, metrics: Metrics | None = None, *, token_key: bytes | None = None
+) -> web.Application:
+    """The mirror. ``token_key`` signs its bearer tokens: the same in every worker
+    (the server makes one per start), random when not given."""
+    app = web.Application(
+        middlewares=[oci_errors, forwarded_for, authenticate], client_max_size=64 * 1024
+    )
     app[SETTINGS] = settings
     app[METRICS] = metrics or Metrics()
+    app[TRUSTED] = networks(settings.trusted_proxies)
     app.cleanup_ctx.append(_serve_mirrors)
+    if settings.htpasswd is not None:
+        app[ACCESS] = Access(settings, token_key or secrets.token_bytes(32))
+        add_token_route(app)
+        visibility.install(app)
     app.on_response_prepare.append(count_served_bytes)
     app.on_response_prepare.append(answer_namespace)
-    add_routes(app)
+    add_routes(app, service_endpoints=settings.metrics_listen is None)
+    return app
+
+
+def create_service_app(main: web.Application) -> web.Application:
+    """/metrics, /readyz and /healthz for ``metrics_listen``, on the main app's
+    state (set it up first: its mirrors exist once it has started)."""
+    app = web.Application(middlewares=[oci_errors])
+    app[SETTINGS] = main[SETTINGS]
+    app[METRICS] = main[METRICS]
+    app[MIRRORS] = main[MIRRORS]
+    add_service_routes(app)
     return app

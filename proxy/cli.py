@@ -34,6 +34,9 @@ SETTING_FLAGS = (
     "log_level",
     "log_format",
     "event_loop",
+    "tls_cert",
+    "tls_key",
+    "htpasswd",
 )
 
 
@@ -69,6 +72,9 @@ def _settings_flags(parser: argparse.ArgumentParser, *, server: bool) -> None:
     parser.add_argument("--read-timeout", type=float, help="seconds (default 60)")
     parser.add_argument("--log-format", help="text or json (default text)")
     parser.add_argument("--event-loop", help="asyncio (default) or uvloop")
+    parser.add_argument("--tls-cert", help="PEM certificate (chain): serve HTTPS")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    parser.add_argument("--htpasswd", help="users, as `htpasswd -B` writes them")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -77,6 +77,73 @@ def _check_host(host: str) -> None:
         raise ConfigError(f"host must be an IP address or a host name, not {host!r}")
 
 
+def listen_address(value: str) -> tuple[str, int]:
+    """``host:port`` (``[::1]:9102`` for IPv6) as a pair; ConfigError otherwise."""
+    host, colon, port = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not colon or not re.fullmatch(r"[0-9]{1,5}", port) or not 0 < int(port) < 65536:
+        raise ConfigError(f"metrics_listen must be host:port (127.0.0.1:9102), not {value!r}")
+    try:
+        _check_host(host)
+    except ConfigError:
+        raise ConfigError(f"metrics_listen: {host!r} is not an IP address or host name") from None
+    return host, int(port)
+
+
+# The user name rules use for clients that sent no credentials.
+ANONYMOUS = "anonymous"
+# In a rule's user list: every user in the htpasswd file.
+EVERY_USER = "*"
+
+
+@dataclass(frozen=True)
+class AccessRule:
+    """Who may pull and push in the repositories ``repository`` (a glob where ``*``
+    also crosses ``/``) of ``upstream`` (a configured upstream's name, or ``*``).
+
+    Users are names from the htpasswd file, ``*`` for all of them, or
+    ``anonymous`` for clients without credentials. Anonymous clients never get
+    what an upstream with credentials does not serve anonymously, whatever a
+    rule says: a rule can only narrow what they get.
+    """
+
+    upstream: str = "*"
+    repository: str = "*"
+    pull: tuple[str, ...] = ()
+    push: tuple[str, ...] = ()
+
+
+def _rule_from(index: int, table: Any) -> AccessRule:
+    where = f"access[{index}]"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table ([[access]]), not {table!r}")
+    unknown = sorted(set(table) - {"upstream", "repository", "pull", "push"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)}")
+    for key in ("upstream", "repository"):
+        value = table.get(key, "*")
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{where}.{key} must be a non-empty string, not {value!r}")
+    users: dict[str, tuple[str, ...]] = {}
+    for key in ("pull", "push"):
+        value = table.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(u, str) and u for u in value):
+            raise ConfigError(f"{where}.{key} must be a list of user names, not {value!r}")
+        users[key] = tuple(value)
+    if ANONYMOUS in users["push"]:
+        raise ConfigError(f"{where}.push: anonymous clients may never push")
+    return AccessRule(table.get("upstream", "*"), table.get("repository", "*"), **users)
+
+
+def parse_access(value: Any) -> tuple[AccessRule, ...]:
+    """The config file's ``[[access]]`` tables, in order."""
+    if isinstance(value, tuple):
+        return value
+    if not isinstance(value, list):
+        raise ConfigError(f"access must be a list of [[access]] tables, not {value!r}")
+    return tuple(_rule_from(i, table) for i, table in enumerate(value))
+
+
 @dataclass(frozen=True)
 class UpstreamSettings:
     """One registry the mirror serves, under the name clients use for it."""
@@ -249,6 +316,19 @@ class Settings:
     event_loop: str = "asyncio"
     # "text" for people, "json" (one object a line) for log pipelines.
     log_format: str = "text"
+    # PEM certificate (chain) and key: serve HTTPS. Reloaded on SIGHUP.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # Users, as `htpasswd -B` writes them (bcrypt only, as distribution). Unset:
+    # no logins, anyone who reaches the mirror pulls everything (as before).
+    htpasswd: Path | None = None
+    # Who may pull (and push) what, first matching rule wins; see AccessRule.
+    access: tuple[AccessRule, ...] = ()
+    # "host:port" for /metrics, /readyz and /healthz on their own listener; they
+    # then leave the main port. None: on the main port.
+    metrics_listen: str | None = None
+    # Addresses (CIDRs) of proxies whose X-Forwarded-For names the client.
+    trusted_proxies: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_host(self.host)
@@ -300,6 +380,19 @@ class Settings:
             )
         if self.max_connections < 1:
             raise ConfigError(f"max_connections must be 1 or more, not {self.max_connections}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert and tls_key go together")
+        if self.access and self.htpasswd is None:
+            raise ConfigError("access rules need users: set htpasswd")
+        if self.metrics_listen is not None:
+            listen_address(self.metrics_listen)
+        for entry in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ConfigError(
+                    f"trusted_proxies: {entry!r} is not an address or CIDR (10.0.0.0/8)"
+                ) from None
         if self.event_loop not in ("asyncio", "uvloop"):
             raise ConfigError(f"event_loop must be asyncio or uvloop, not {self.event_loop!r}")
         if self.log_format not in ("text", "json"):
@@ -325,6 +418,7 @@ _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 _NOT_EMPTY = frozenset({"upstream_username", "upstream_password"})
 # Optional settings (default None) and the type they take.
 _OPTIONAL_NUMBERS = frozenset({"max_age_days"})
+_OPTIONAL_PATHS = frozenset({"tls_cert", "tls_key", "htpasswd"})
 
 
 def _convert(name: str, value: Any, where: str, *, from_file: bool = False) -> Any:
@@ -372,12 +466,22 @@ def _convert(name: str, value: Any, where: str, *, from_file: bool = False) -> A
         return number
     if name == "upstreams":
         return parse_upstreams(value)
+    if name == "access":
+        if text:
+            raise wrong("[[access]] tables in the config file")
+        return parse_access(value)
+    if name in _OPTIONAL_PATHS:
+        if not text:
+            raise wrong("a path")
+        if not value.strip():
+            raise ConfigError(f"{where} is set but empty: give it a file, or unset it")
+        return Path(value)
     if name == "max_size":
         try:
             return parse_size(_typed(value, str | int | float))
         except (TypeError, ValueError):
             raise wrong("a size (50GiB, 500MB or bytes)") from None
-    if name in ("pinned", "redirect_allow"):
+    if name in ("pinned", "redirect_allow", "trusted_proxies"):
         if text:
             items = value.split(",")
         elif isinstance(value, list | tuple) and all(isinstance(i, str) for i in value):

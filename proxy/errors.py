@@ -73,8 +73,15 @@ class DigestInvalid(RegistryError):
     code, status, message = "DIGEST_INVALID", 400, "provided digest did not match content"
 
 
+# What every 401 asks for (RFC 7235): clients log in with Basic credentials.
+CHALLENGE = 'Basic realm="pullthrough", charset="UTF-8"'
+
+
 class Unauthorized(RegistryError):
     code, status, message = "UNAUTHORIZED", 401, "authentication required"
+
+    def __init__(self, detail: object = None, *, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(detail, headers={"WWW-Authenticate": CHALLENGE, **(headers or {})})
 
 
 class Denied(RegistryError):

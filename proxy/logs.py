@@ -12,6 +12,7 @@ from collections import OrderedDict
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, Request, Response, StreamResponse
 
+from proxy.forwarded import CLIENT
 from proxy.keys import BODY_BYTES, SOURCE
 
 ACCESS_LOGGER = "pullthrough.access"
@@ -178,7 +179,7 @@ class AccessLogger(AbstractAccessLogger):
             "status": response.status,
             "bytes": sent,
             "duration_ms": round(time * 1000, 2),
-            "remote": request.remote,
+            "remote": request.get(CLIENT) or request.remote,
         }
         parts = path.split("/")
         if len(parts) >= 5 and parts[1] == "v2" and parts[-2] in ("manifests", "blobs"):

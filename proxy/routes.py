@@ -16,6 +16,7 @@ from cache.digests import Digest
 from cache.errors import InvalidDigest, UnsupportedDigest
 from metrics import CONTENT_TYPE
 from proxy import names
+from proxy.access import authorize_pull
 from proxy.errors import (
     ManifestUnknown,
     PaginationInvalid,
@@ -68,6 +69,8 @@ async def registry(request: web.Request) -> web.StreamResponse:
     try:
         mirror, name = route(request, match["name"])
         repository = names.repository(name, docker_hub_rules=mirror.library_prefix)
+        content = match.groupdict().get("kind", ""), match.groupdict().get("ref", "")
+        await authorize_pull(request, mirror.name, repository, *content)
         if kind == "manifest":
             response = await manifest(request, mirror, repository, manifest_reference(match["ref"]))
         elif kind == "blob":
@@ -215,6 +218,10 @@ async def blob(
         answer.close()
 
 
+# Bytes read and written at a time for a cached blob sent over TLS.
+TLS_CHUNK = 1 << 20
+
+
 class SentFileResponse(web.FileResponse):
     """A FileResponse that records how many body bytes it really sent.
 
@@ -227,6 +234,15 @@ class SentFileResponse(web.FileResponse):
         self, request: web.BaseRequest, fobj: IO[Any], offset: int, count: int
     ) -> AbstractStreamWriter:
         try:
+            transport = request.transport
+            if transport is not None and transport.get_extra_info("sslcontext") is not None:
+                # No sendfile through TLS. asyncio's stand-in for it on TLS
+                # transports sends a third of what aiohttp's own copy does, and
+                # (3.11) fails with AttributeError when the client leaves midway.
+                self._chunk_size = TLS_CHUNK
+                writer = await web.StreamResponse.prepare(self, request)
+                assert writer is not None
+                return await self._sendfile_fallback(writer, fobj, offset, count)
             return await super()._sendfile(request, fobj, offset, count)
         finally:
             request[BODY_BYTES] = max(fobj.tell() - offset, 0)
@@ -337,10 +353,17 @@ async def readyz(request: web.Request) -> web.Response:
 _CACHE_STATES = ("writable", "full", "not writable")
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
+def add_routes(app: web.Application, *, service_endpoints: bool = True) -> None:
+    """The registry API; and /metrics, /readyz, /healthz unless they have their
+    own listener (``metrics_listen``)."""
+    if service_endpoints:
+        add_service_routes(app)
     app.router.add_get("/v2/", ping)
     app.router.add_get("/v2", ping)
-    app.router.add_get("/metrics", metrics)
     app.router.add_route("*", "/v2/{path:.+}", registry)
+
+
+def add_service_routes(app: web.Application) -> None:
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)

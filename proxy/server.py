@@ -17,14 +17,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ipaddress
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
 import resource
+import secrets
 import shutil
 import signal
 import socket
+import ssl
 import tempfile
 import threading
 import time
@@ -42,12 +45,14 @@ from cache.archive import remove_abandoned_imports
 from cache.blobs import BlobStore
 from cache.index import TagIndex
 from metrics import MULTIPROCESS_ENV
-from proxy.app import create_app
-from proxy.config import Settings
+from proxy.access import ACCESS, HtpasswdError, read_htpasswd
+from proxy.app import create_app, create_service_app
+from proxy.config import Settings, listen_address
 from proxy.errors import RegistryError, error_response
 from proxy.logs import ACCESS_LOGGER, AccessLogger
 from proxy.logs import configure as configure_logs
 from proxy.resources import layouts
+from proxy.tls import ServerTLS, TLSError, server_context
 
 log = logging.getLogger("pullthrough")
 
@@ -433,16 +438,18 @@ class GuardedSite(web.BaseSite):
         sock: socket.socket,
         factory: Callable[[], asyncio.Protocol],
         connections: Connections,
+        tls: ServerTLS | None = None,
     ) -> None:
         super().__init__(runner, backlog=BACKLOG)
         self._sock = sock
         self._factory = factory
         self._connections = connections
+        self._tls = tls
         self._accepting = False
         self._stopped = False
         self._tasks: set[asyncio.Task[None]] = set()
         host, port = sock.getsockname()[:2]
-        self._name = f"http://{host}:{port}"
+        self._name = f"{'https' if tls else 'http'}://{host}:{port}"
 
     @property
     def name(self) -> str:
@@ -495,9 +502,23 @@ class GuardedSite(web.BaseSite):
             task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            await asyncio.get_running_loop().connect_accepted_socket(self._factory, conn)
-        except OSError:
+            if self._tls is None:
+                await loop.connect_accepted_socket(self._factory, conn)
+            else:
+                # The context of the moment: a reloaded certificate is used from
+                # the next connection on, and this one keeps what it started with.
+                await loop.connect_accepted_socket(
+                    self._factory,
+                    conn,
+                    ssl=self._tls.context,
+                    ssl_handshake_timeout=self._connections.limits.head_timeout,
+                )
+        except (OSError, ssl.SSLError, TimeoutError) as exc:
+            # A failed handshake (a plain-HTTP client, an unknown CA, a scanner)
+            # is the client's business: one DEBUG line.
+            log.debug("connection not established: %s", exc)
             conn.close()
         finally:
             self._connections.pending -= 1
@@ -533,8 +554,20 @@ def protocol_factory(
 # -- workers -----------------------------------------------------------------------------
 
 
-def run_worker(settings: Settings, sockets: list[socket.socket], limits: Limits) -> None:
+@dataclass(frozen=True)
+class Listeners:
+    """The sockets a worker serves: the registry, and /metrics etc. when apart."""
+
+    main: list[socket.socket]
+    service: list[socket.socket] = field(default_factory=list)
+
+
+def run_worker(
+    settings: Settings, sockets: Listeners, limits: Limits, token_key: bytes = b""
+) -> None:
     """One worker: an event loop serving the app on the shared sockets until SIGTERM."""
+    # Until the loop takes SIGHUP (reload), it must not end a starting worker.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if multiprocessing.parent_process() is not None:
         configure_logs(settings.log_level, settings.log_format)
     loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
@@ -546,62 +579,136 @@ def run_worker(settings: Settings, sockets: list[socket.socket], limits: Limits)
         else:
             loop_factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(_serve_forever(settings, sockets, limits))
+        runner.run(_serve_forever(settings, sockets, limits, token_key))
 
 
-async def _serve_forever(settings: Settings, sockets: list[socket.socket], limits: Limits) -> None:
+async def _serve_forever(
+    settings: Settings, sockets: Listeners, limits: Limits, token_key: bytes
+) -> None:
     loop = asyncio.get_running_loop()
     # Disk work (large chunks, fsync, manifests) goes to threads; the default
     # pool (cores + 4) queues it behind itself under a few concurrent pulls.
     loop.set_default_executor(ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="io"))
-    runner = web.AppRunner(create_app(settings), handle_signals=False)
+    tls = None
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        tls = ServerTLS(settings.tls_cert, settings.tls_key)
+    app = create_app(settings, token_key=token_key or None)
+    runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
+    service_runner = None
     assert runner.server is not None
     connections = Connections(limits)
     factory = protocol_factory(runner.server, connections, settings)
     stopped = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopped.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload, app, tls)
     try:
-        for sock in sockets:
-            await GuardedSite(runner, sock, factory, connections).start()
+        for sock in sockets.main:
+            await GuardedSite(runner, sock, factory, connections, tls).start()
+        if sockets.service:
+            # Plain HTTP, its own connection cap: scrapes and probes come from
+            # inside, and a flood on the registry port cannot starve them.
+            service_runner = web.AppRunner(create_service_app(app), handle_signals=False)
+            await service_runner.setup()
+            assert service_runner.server is not None
+            own = Connections(limits)
+            service_factory = protocol_factory(service_runner.server, own, settings)
+            for sock in sockets.service:
+                await GuardedSite(service_runner, sock, service_factory, own).start()
         if multiprocessing.parent_process() is not None:
             log.info("worker pid %d serving", os.getpid())
         await stopped.wait()
     finally:
+        if service_runner is not None:
+            await service_runner.cleanup()
         await runner.cleanup()
+
+
+def _reload(app: web.Application, tls: ServerTLS | None) -> None:
+    """SIGHUP: the certificate and the users, from their files."""
+    if tls is not None:
+        tls.reload()
+    access = app.get(ACCESS)
+    if access is not None:
+        access.reload()
+
+
+def check_access(settings: Settings) -> None:
+    """The certificate, key and users load, before any worker exists; and a
+    WARNING for a mirror that hands private content to whoever reaches it."""
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        try:
+            server_context(settings.tls_cert, settings.tls_key)
+        except TLSError as exc:
+            raise StartupError(str(exc)) from None
+    if settings.htpasswd is not None:
+        try:
+            read_htpasswd(settings.htpasswd)
+        except HtpasswdError as exc:
+            raise StartupError(str(exc)) from None
+        return
+    credentialed = [u.name for u in settings.all_upstreams() if u.has_credentials]
+    if credentialed and not _loopback(settings.host):
+        log.warning(
+            "listening on %s without htpasswd while %s has credentials: anyone who "
+            "reaches the mirror pulls what only those credentials can read",
+            settings.host,
+            ", ".join(credentialed),
+        )
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def serve(settings: Settings) -> int:
     """Check, bind, then run the workers; the exit status. Raises StartupError."""
     open_files = raise_fd_limit()
+    check_access(settings)
     removed = prepare_cache(settings)
-    sockets = listen(settings.host, settings.port)
+    sockets = Listeners(listen(settings.host, settings.port))
+    if settings.metrics_listen is not None:
+        sockets.service.extend(listen(*listen_address(settings.metrics_listen)))
+    # Signs the bearer tokens: shared by the workers, so a token from one is
+    # good at all; new at each start, so a restart logs every client out.
+    token_key = secrets.token_bytes(32)
     limits = Limits(
         settings.request_head_timeout,
         settings.max_request_head,
         connection_cap(settings, open_files),
     )
     log.info(
-        "pullthrough mirroring %s on http://%s:%d, cache %s, %d worker(s)%s",
+        "pullthrough mirroring %s on %s://%s:%d, cache %s, %d worker(s)%s",
         ", ".join(f"{u.name}={u.url}" for u in settings.all_upstreams()),
+        "https" if settings.tls_cert else "http",
         settings.host,
         settings.port,
         settings.cache_dir.resolve(),
         settings.workers,
         f", removed {removed} stale temp files" if removed else "",
     )
+    if settings.metrics_listen is not None:
+        log.info("/metrics, /readyz and /healthz on http://%s", settings.metrics_listen)
     if settings.workers == 1:
-        run_worker(settings, sockets, limits)
+        run_worker(settings, sockets, limits, token_key)
         return 0
-    return Supervisor(settings, sockets, limits).run()
+    return Supervisor(settings, sockets, limits, token_key).run()
 
 
 class Supervisor:
     """Keeps ``settings.workers`` worker processes running on the shared sockets."""
 
-    def __init__(self, settings: Settings, sockets: list[socket.socket], limits: Limits) -> None:
+    def __init__(
+        self, settings: Settings, sockets: Listeners, limits: Limits, token_key: bytes
+    ) -> None:
         self.settings = settings
+        self.token_key = token_key
         self.sockets = sockets
         self.limits = limits
         self._context = multiprocessing.get_context("spawn")
@@ -618,6 +725,7 @@ class Supervisor:
             os.environ[MULTIPROCESS_ENV] = tempfile.mkdtemp(prefix="pullthrough-metrics-")
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
+        signal.signal(signal.SIGHUP, self._hangup)
         status = 0
         try:
             for slot in range(self.settings.workers):
@@ -632,7 +740,7 @@ class Supervisor:
     def _start(self, slot: int) -> None:
         worker = self._context.Process(
             target=run_worker,
-            args=(self.settings, self.sockets, self.limits),
+            args=(self.settings, self.sockets, self.limits, self.token_key),
             name=f"worker-{slot}",
         )
         worker.start()
@@ -678,6 +786,13 @@ class Supervisor:
         delay = min(RESTART_DELAY * 2 ** (len(self._deaths) - 1), RESTART_DELAY_MAX)
         self._due[slot] = now + delay
         return True
+
+    def _hangup(self, signum: int, _frame: object) -> None:
+        """SIGHUP reaches every worker: each reloads the certificate and users."""
+        for worker in self._workers.values():
+            if worker.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGHUP)
 
     def _stop(self, signum: int, _frame: object) -> None:
         self._stopping.set()

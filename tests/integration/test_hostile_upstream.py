@@ -256,9 +256,13 @@ async def test_a_blob_answer_whose_head_trickles_is_abandoned(
     """One header byte at a time keeps a read timeout from firing: the head of a
     blob answer has a deadline of its own."""
     sent = 0
+    handlers: list[tuple[asyncio.Task[Any], asyncio.StreamWriter]] = []
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal sent
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.append((task, writer))
         line = await reader.readline()
         while (await reader.readline()) not in (b"\r\n", b""):
             pass
@@ -289,6 +293,11 @@ async def test_a_blob_answer_whose_head_trickles_is_abandoned(
         elapsed = time.monotonic() - started
     finally:
         trickler.close()
+        for task, writer in handlers:
+            task.cancel()
+            writer.close()
+        await asyncio.gather(*(task for task, _ in handlers), return_exceptions=True)
+        await trickler.wait_closed()
     assert detail == f"127.0.0.1:{port} did not answer within 1 s"
     assert sent > 3  # it did trickle, and a socket read timeout never fired
     assert elapsed < 5, f"a trickled head held the client {elapsed:.1f} s"

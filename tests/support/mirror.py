@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import os
 import resource
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -65,8 +67,13 @@ class MirrorProcess:
         env: dict[str, str] | None = None,
         config: Path | None = None,
         open_files: int | None = None,
+        args: tuple[str, ...] = (),
+        ca: Path | None = None,
     ) -> None:
         self.config = config
+        # More flags for `serve`; with ``ca`` the mirror speaks HTTPS, trusted by it.
+        self.args = args
+        self.ca = ca
         # An open-file limit (soft and hard) for the server, as `ulimit -n` sets.
         self.open_files = open_files
         self.cache_dir = cache_dir
@@ -74,7 +81,7 @@ class MirrorProcess:
         self.workers = workers
         self.env = env or {}
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if ca else 'http'}://127.0.0.1:{self.port}"
         self.log = cache_dir.parent / f"mirror-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -94,6 +101,7 @@ class MirrorProcess:
                     f"--workers={self.workers}",
                     "--read-timeout=15",
                     *([f"--config={self.config}"] if self.config else []),
+                    *self.args,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -101,10 +109,14 @@ class MirrorProcess:
                 start_new_session=True,
                 preexec_fn=None if self.open_files is None else self._limit_open_files,
             )
+        context = None if self.ca is None else ssl.create_default_context(cafile=self.ca)
 
         def probe() -> str | None:
-            with urllib.request.urlopen(f"{self.url}/v2/", timeout=1):
-                return None
+            try:
+                with urllib.request.urlopen(f"{self.url}/v2/", timeout=1, context=context):
+                    return None
+            except urllib.error.HTTPError:
+                return None  # an answer (401 when users must log in): it serves
 
         try:
             wait_ready(self.proc, probe, what="mirror", timeout=20, log=self.log.read_text)

@@ -16,6 +16,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN python -m venv --without-pip /opt/pullthrough
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY pullthrough/ pullthrough/
 COPY proxy/ proxy/
 COPY cache/ cache/
 COPY metrics/ metrics/

@@ -27,9 +27,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from yarl import URL
 
-from proxy.app import create_app
-from proxy.config import Settings
-from proxy.upstream import USER_AGENT
+from pullthrough.proxy.app import create_app
+from pullthrough.proxy.config import Settings
+from pullthrough.proxy.upstream import USER_AGENT
 from tests.support.binaries import require_binary
 from tests.support.faults import (
     MANIFEST_TYPE,

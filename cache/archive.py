@@ -60,13 +60,13 @@ from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
-from cache.digests import Digest
-from cache.errors import CacheError, InvalidDigest
-from cache.graph import blobs, children, closure, platform_wanted
-from cache.layout import Layout, fsync_dir
-from cache.manifests import ManifestStore, StoredManifest
-from cache.mediatypes import OCI_INDEX, OCI_MANIFEST, implied, is_media_type
-from cache.quarantine import Corrupt, quarantine, report
+from pullthrough.cache.digests import Digest
+from pullthrough.cache.errors import CacheError, InvalidDigest
+from pullthrough.cache.graph import blobs, children, closure, platform_wanted
+from pullthrough.cache.layout import Layout, fsync_dir
+from pullthrough.cache.manifests import ManifestStore, StoredManifest
+from pullthrough.cache.mediatypes import OCI_INDEX, OCI_MANIFEST, implied, is_media_type
+from pullthrough.cache.quarantine import Corrupt, quarantine, report
 
 REF_NAME = "org.opencontainers.image.ref.name"
 #: On an index.json descriptor: the image was exported for these platforms only

@@ -41,12 +41,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from cache.digests import Digest
-from cache.errors import Abandoned, DigestMismatch, DownloadFailed, SizeMismatch
-from cache.evict import touch_if_stale
-from cache.layout import Layout, fsync_dir, write_atomic
-from cache.space import WriteFailures
-from cache.storage import Tracker
+from pullthrough.cache.digests import Digest
+from pullthrough.cache.errors import Abandoned, DigestMismatch, DownloadFailed, SizeMismatch
+from pullthrough.cache.evict import touch_if_stale
+from pullthrough.cache.layout import Layout, fsync_dir, write_atomic
+from pullthrough.cache.space import WriteFailures
+from pullthrough.cache.storage import Tracker
 
 log = logging.getLogger(__name__)
 

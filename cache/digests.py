@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from cache.errors import InvalidDigest, UnsupportedDigest
+from pullthrough.cache.errors import InvalidDigest, UnsupportedDigest
 
 if TYPE_CHECKING:
     from hashlib import _Hash

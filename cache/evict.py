@@ -29,8 +29,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cache.digests import Digest
-from cache.layout import Layout
+from pullthrough.cache.digests import Digest
+from pullthrough.cache.layout import Layout
 
 TOUCH_SECONDS = 20.0
 GRACE_SECONDS = 30.0

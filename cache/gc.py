@@ -9,14 +9,14 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cache import graph
-from cache.archive import remove_abandoned_imports
-from cache.blobs import STALE_TMP_SECONDS, BlobStore
-from cache.digests import Digest
-from cache.evict import entries
-from cache.layout import Layout
-from cache.manifests import ManifestStore
-from cache.mediatypes import MANIFESTS
+from pullthrough.cache import graph
+from pullthrough.cache.archive import remove_abandoned_imports
+from pullthrough.cache.blobs import STALE_TMP_SECONDS, BlobStore
+from pullthrough.cache.digests import Digest
+from pullthrough.cache.evict import entries
+from pullthrough.cache.layout import Layout
+from pullthrough.cache.manifests import ManifestStore
+from pullthrough.cache.mediatypes import MANIFESTS
 
 
 @dataclass

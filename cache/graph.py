@@ -11,9 +11,9 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cache.digests import Digest
-from cache.errors import InvalidDigest
-from cache.manifests import StoredManifest
+from pullthrough.cache.digests import Digest
+from pullthrough.cache.errors import InvalidDigest
+from pullthrough.cache.manifests import StoredManifest
 
 
 @dataclass(frozen=True, slots=True)

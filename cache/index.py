@@ -11,7 +11,7 @@ from pathlib import Path
 
 import diskcache
 
-from cache.space import WriteFailures, keep_reserve, release_reserve
+from pullthrough.cache.space import WriteFailures, keep_reserve, release_reserve
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,8 +51,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from cache.digests import Digest
-from cache.errors import InvalidDigest
+from pullthrough.cache.digests import Digest
+from pullthrough.cache.errors import InvalidDigest
 
 
 @dataclass(frozen=True)

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from cache import graph
-from cache.digests import Digest
-from cache.errors import InvalidDigest
-from cache.evict import entries
-from cache.index import TagIndex
-from cache.layout import Layout
-from cache.manifests import ManifestStore
+from pullthrough.cache import graph
+from pullthrough.cache.digests import Digest
+from pullthrough.cache.errors import InvalidDigest
+from pullthrough.cache.evict import entries
+from pullthrough.cache.index import TagIndex
+from pullthrough.cache.layout import Layout
+from pullthrough.cache.manifests import ManifestStore
 
 
 @dataclass

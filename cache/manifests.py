@@ -16,13 +16,13 @@ from dataclasses import dataclass
 
 from cachetools import LRUCache
 
-from cache.digests import Digest
-from cache.errors import DigestMismatch
-from cache.evict import TOUCH_SECONDS, touch_if_stale
-from cache.layout import Layout, write_atomic
-from cache.mediatypes import MEDIA_TYPE
-from cache.quarantine import Corrupt, quarantine, report
-from cache.space import WriteFailures
+from pullthrough.cache.digests import Digest
+from pullthrough.cache.errors import DigestMismatch
+from pullthrough.cache.evict import TOUCH_SECONDS, touch_if_stale
+from pullthrough.cache.layout import Layout, write_atomic
+from pullthrough.cache.mediatypes import MEDIA_TYPE
+from pullthrough.cache.quarantine import Corrupt, quarantine, report
+from pullthrough.cache.space import WriteFailures
 
 
 @dataclass(frozen=True, slots=True)

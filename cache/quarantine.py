@@ -18,8 +18,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from cache.digests import Digest
-from cache.layout import Layout
+from pullthrough.cache.digests import Digest
+from pullthrough.cache.layout import Layout
 
 log = logging.getLogger(__name__)
 

@@ -32,11 +32,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cache.digests import Digest
-from cache.evict import Entry, entries
-from cache.layout import Layout
-from cache.manifests import ManifestStore, StoredManifest
-from cache.quarantine import Corrupt, quarantine, report
+from pullthrough.cache.digests import Digest
+from pullthrough.cache.evict import Entry, entries
+from pullthrough.cache.layout import Layout
+from pullthrough.cache.manifests import ManifestStore, StoredManifest
+from pullthrough.cache.quarantine import Corrupt, quarantine, report
 
 log = logging.getLogger(__name__)
 

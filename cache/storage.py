@@ -15,10 +15,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
-from cache.digests import Digest
-from cache.index import Listing, TagEntry
-from cache.manifests import StoredManifest
-from cache.quarantine import Corrupt
+from pullthrough.cache.digests import Digest
+from pullthrough.cache.index import Listing, TagEntry
+from pullthrough.cache.manifests import StoredManifest
+from pullthrough.cache.quarantine import Corrupt
 
 
 class DownloadSink(Protocol):

@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cache.layout import Layout, write_atomic
+from pullthrough.cache.layout import Layout, write_atomic
 
 RECORD = "upstreams.json"
 PRIVATE = "upstreams"

@@ -1,3 +1,3 @@
-from proxy.cli import main
+from pullthrough.proxy.cli import main
 
 raise SystemExit(main())

@@ -33,11 +33,11 @@ import bcrypt
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from proxy.config import ANONYMOUS, EVERY_USER, AccessRule, Settings
-from proxy.errors import Denied, TooManyRequests, Unauthorized
-from proxy.forwarded import client_address, forwarded_origin
-from proxy.tokens import TOKEN_PATH, InvalidToken, Tokens, challenge, origin, token_body
-from proxy.visibility import VISIBILITY
+from pullthrough.proxy.config import ANONYMOUS, EVERY_USER, AccessRule, Settings
+from pullthrough.proxy.errors import Denied, TooManyRequests, Unauthorized
+from pullthrough.proxy.forwarded import client_address, forwarded_origin
+from pullthrough.proxy.tokens import TOKEN_PATH, InvalidToken, Tokens, challenge, origin, token_body
+from pullthrough.proxy.visibility import VISIBILITY
 
 log = logging.getLogger(__name__)
 

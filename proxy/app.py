@@ -11,19 +11,24 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from cache import stores
-from cache.layout import Layout
-from cache.scrub import Scrubber
-from cache.stores import KnownUpstream
-from metrics import CacheUsage, Metrics
-from proxy import visibility
-from proxy.access import ACCESS, Access, add_token_route, authenticate
-from proxy.config import Settings
-from proxy.errors import oci_errors
-from proxy.forwarded import TRUSTED, forwarded_for, networks
-from proxy.keys import METRICS, MIRRORS, SETTINGS
-from proxy.resources import open_mirrors
-from proxy.routes import add_routes, add_service_routes, answer_namespace, count_served_bytes
+from pullthrough.cache import stores
+from pullthrough.cache.layout import Layout
+from pullthrough.cache.scrub import Scrubber
+from pullthrough.cache.stores import KnownUpstream
+from pullthrough.metrics import CacheUsage, Metrics
+from pullthrough.proxy import visibility
+from pullthrough.proxy.access import ACCESS, Access, add_token_route, authenticate
+from pullthrough.proxy.config import Settings
+from pullthrough.proxy.errors import oci_errors
+from pullthrough.proxy.forwarded import TRUSTED, forwarded_for, networks
+from pullthrough.proxy.keys import METRICS, MIRRORS, SETTINGS
+from pullthrough.proxy.resources import open_mirrors
+from pullthrough.proxy.routes import (
+    add_routes,
+    add_service_routes,
+    answer_namespace,
+    count_served_bytes,
+)
 
 log = logging.getLogger(__name__)
 

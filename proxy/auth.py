@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import aiohttp
 from yarl import URL
 
-from proxy.errors import Unauthorized, UpstreamUnavailable
-from proxy.failures import describe_failure, where
+from pullthrough.proxy.errors import Unauthorized, UpstreamUnavailable
+from pullthrough.proxy.failures import describe_failure, where
 
 log = logging.getLogger(__name__)
 

@@ -8,12 +8,13 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
 
-from proxy import commands, server
-from proxy.commands import archive, cache, gc, stats, warm
-from proxy.config import ConfigError, Settings, load_settings, prepare_cache_dir
-from proxy.logs import configure as configure_logs
+from pullthrough.proxy import commands, server
+from pullthrough.proxy.commands import archive, cache, gc, stats, warm
+from pullthrough.proxy.config import ConfigError, Settings, load_settings, prepare_cache_dir
+from pullthrough.proxy.logs import configure as configure_logs
 
 log = logging.getLogger("pullthrough")
 
@@ -80,6 +81,9 @@ def _settings_flags(parser: argparse.ArgumentParser, *, server: bool) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pullthrough", description="Container registry mirror and pull-through cache."
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {metadata.version('pullthrough')}"
     )
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the mirror")

@@ -17,7 +17,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from cache.listing import ImageRow
+from pullthrough.cache.listing import ImageRow
 
 
 def out() -> Console:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from cache.errors import (
+from pullthrough.cache.errors import (
     CacheError,
     DigestMismatch,
     DownloadFailed,

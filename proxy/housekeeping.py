@@ -6,10 +6,10 @@ import asyncio
 import contextlib
 import logging
 
-from cache.evict import Eviction, evict
-from metrics import Metrics
-from proxy.config import Settings
-from proxy.images import CachedImages
+from pullthrough.cache.evict import Eviction, evict
+from pullthrough.metrics import Metrics
+from pullthrough.proxy.config import Settings
+from pullthrough.proxy.images import CachedImages
 
 log = logging.getLogger(__name__)
 

@@ -16,20 +16,20 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from cache import stores
-from cache.archive import ExportImage
-from cache.digests import Digest
-from cache.errors import InvalidDigest
-from cache.graph import closure
-from cache.index import TagEntry, TagIndex
-from cache.layout import Layout
-from cache.manifests import ManifestStore, StoredManifest
-from cache.mediatypes import DOCKER_LIST, OCI_INDEX
-from cache.stores import KnownUpstream
-from proxy.config import Settings
-from proxy.errors import RegistryError
-from proxy.mirror import ANY_CLIENT
-from proxy.names import ImageRef
+from pullthrough.cache import stores
+from pullthrough.cache.archive import ExportImage
+from pullthrough.cache.digests import Digest
+from pullthrough.cache.errors import InvalidDigest
+from pullthrough.cache.graph import closure
+from pullthrough.cache.index import TagEntry, TagIndex
+from pullthrough.cache.layout import Layout
+from pullthrough.cache.manifests import ManifestStore, StoredManifest
+from pullthrough.cache.mediatypes import DOCKER_LIST, OCI_INDEX
+from pullthrough.cache.stores import KnownUpstream
+from pullthrough.proxy.config import Settings
+from pullthrough.proxy.errors import RegistryError
+from pullthrough.proxy.mirror import ANY_CLIENT
+from pullthrough.proxy.names import ImageRef
 
 log = logging.getLogger(__name__)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from metrics import Metrics
-from proxy.config import Settings
-from proxy.mirror import Mirrors
+from pullthrough.metrics import Metrics
+from pullthrough.proxy.config import Settings
+from pullthrough.proxy.mirror import Mirrors
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)

@@ -12,8 +12,8 @@ from collections import OrderedDict
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, Request, Response, StreamResponse
 
-from proxy.forwarded import CLIENT
-from proxy.keys import BODY_BYTES, SOURCE
+from pullthrough.proxy.forwarded import CLIENT
+from pullthrough.proxy.keys import BODY_BYTES, SOURCE
 
 ACCESS_LOGGER = "pullthrough.access"
 # Each distinct message (logger and format string, whatever its arguments) is

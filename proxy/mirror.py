@@ -21,11 +21,11 @@ from pathlib import Path
 
 import aiohttp
 
-from cache.digests import Digest
-from cache.errors import Abandoned, DigestMismatch, DownloadFailed
-from cache.index import Listing, TagEntry
-from cache.manifests import StoredManifest
-from cache.mediatypes import (
+from pullthrough.cache.digests import Digest
+from pullthrough.cache.errors import Abandoned, DigestMismatch, DownloadFailed
+from pullthrough.cache.index import Listing, TagEntry
+from pullthrough.cache.manifests import StoredManifest
+from pullthrough.cache.mediatypes import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
     MANIFESTS,
@@ -34,7 +34,7 @@ from cache.mediatypes import (
     implied,
     is_media_type,
 )
-from cache.storage import (
+from pullthrough.cache.storage import (
     BlobStorage,
     DownloadSink,
     HeldBlob,
@@ -42,9 +42,9 @@ from cache.storage import (
     TagStorage,
     Tracker,
 )
-from metrics import Metrics
-from proxy.config import DOCKER_HUB_ALIASES
-from proxy.errors import (
+from pullthrough.metrics import Metrics
+from pullthrough.proxy.config import DOCKER_HUB_ALIASES
+from pullthrough.proxy.errors import (
     BlobUnknown,
     ManifestTooLarge,
     ManifestUnknown,
@@ -53,9 +53,9 @@ from proxy.errors import (
     UpstreamInvalid,
     UpstreamUnavailable,
 )
-from proxy.inflight import SingleFlight
-from proxy.names import Reference
-from proxy.upstream import UpstreamClient, raise_for_status
+from pullthrough.proxy.inflight import SingleFlight
+from pullthrough.proxy.names import Reference
+from pullthrough.proxy.upstream import UpstreamClient, raise_for_status
 
 log = logging.getLogger(__name__)
 

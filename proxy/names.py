@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from cache.digests import Digest
-from proxy.config import DOCKER_HUB_ALIASES, DOCKER_HUB_NAME
-from proxy.errors import NameInvalid, TagInvalid
+from pullthrough.cache.digests import Digest
+from pullthrough.proxy.config import DOCKER_HUB_ALIASES, DOCKER_HUB_NAME
+from pullthrough.proxy.errors import NameInvalid, TagInvalid
 
 # distribution-spec "Pulling manifests": <name> and <reference> grammar.
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"

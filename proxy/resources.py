@@ -10,19 +10,19 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from cache import stores
-from cache.archive import remove_abandoned_imports
-from cache.blobs import BlobStore
-from cache.index import TagIndex
-from cache.layout import Layout
-from cache.manifests import ManifestStore
-from cache.space import WriteFailures
-from metrics import Metrics
-from proxy.config import Settings, UpstreamSettings
-from proxy.housekeeping import Housekeeper
-from proxy.images import CachedImages, known_upstreams, rekey_tags
-from proxy.mirror import Mirror, Mirrors
-from proxy.upstream import (
+from pullthrough.cache import stores
+from pullthrough.cache.archive import remove_abandoned_imports
+from pullthrough.cache.blobs import BlobStore
+from pullthrough.cache.index import TagIndex
+from pullthrough.cache.layout import Layout
+from pullthrough.cache.manifests import ManifestStore
+from pullthrough.cache.space import WriteFailures
+from pullthrough.metrics import Metrics
+from pullthrough.proxy.config import Settings, UpstreamSettings
+from pullthrough.proxy.housekeeping import Housekeeper
+from pullthrough.proxy.images import CachedImages, known_upstreams, rekey_tags
+from pullthrough.proxy.mirror import Mirror, Mirrors
+from pullthrough.proxy.upstream import (
     RateLimit,
     UpstreamClient,
     UpstreamOptions,

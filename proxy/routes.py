@@ -12,12 +12,12 @@ from typing import IO, Any
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
-from cache.digests import Digest
-from cache.errors import InvalidDigest, UnsupportedDigest
-from metrics import CONTENT_TYPE
-from proxy import names
-from proxy.access import authorize_pull
-from proxy.errors import (
+from pullthrough.cache.digests import Digest
+from pullthrough.cache.errors import InvalidDigest, UnsupportedDigest
+from pullthrough.metrics import CONTENT_TYPE
+from pullthrough.proxy import names
+from pullthrough.proxy.access import authorize_pull
+from pullthrough.proxy.errors import (
     ManifestUnknown,
     PaginationInvalid,
     RangeInvalid,
@@ -25,10 +25,10 @@ from proxy.errors import (
     Unsupported,
     UpstreamUnknown,
 )
-from proxy.keys import ABORTED, BODY_BYTES, METRICS, MIRRORS, NAMESPACE, SOURCE
-from proxy.logs import RESULTS
-from proxy.mirror import BlobHit, BlobStream, ManifestAnswer, Mirror
-from proxy.names import Reference
+from pullthrough.proxy.keys import ABORTED, BODY_BYTES, METRICS, MIRRORS, NAMESPACE, SOURCE
+from pullthrough.proxy.logs import RESULTS
+from pullthrough.proxy.mirror import BlobHit, BlobStream, ManifestAnswer, Mirror
+from pullthrough.proxy.names import Reference
 
 log = logging.getLogger(__name__)
 

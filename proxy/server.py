@@ -40,19 +40,19 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from prometheus_client.multiprocess import mark_process_dead
 
-from cache import stores
-from cache.archive import remove_abandoned_imports
-from cache.blobs import BlobStore
-from cache.index import TagIndex
-from metrics import MULTIPROCESS_ENV
-from proxy.access import ACCESS, HtpasswdError, read_htpasswd
-from proxy.app import create_app, create_service_app
-from proxy.config import Settings, listen_address
-from proxy.errors import RegistryError, error_response
-from proxy.logs import ACCESS_LOGGER, AccessLogger
-from proxy.logs import configure as configure_logs
-from proxy.resources import layouts
-from proxy.tls import ServerTLS, TLSError, server_context
+from pullthrough.cache import stores
+from pullthrough.cache.archive import remove_abandoned_imports
+from pullthrough.cache.blobs import BlobStore
+from pullthrough.cache.index import TagIndex
+from pullthrough.metrics import MULTIPROCESS_ENV
+from pullthrough.proxy.access import ACCESS, HtpasswdError, read_htpasswd
+from pullthrough.proxy.app import create_app, create_service_app
+from pullthrough.proxy.config import Settings, listen_address
+from pullthrough.proxy.errors import RegistryError, error_response
+from pullthrough.proxy.logs import ACCESS_LOGGER, AccessLogger
+from pullthrough.proxy.logs import configure as configure_logs
+from pullthrough.proxy.resources import layouts
+from pullthrough.proxy.tls import ServerTLS, TLSError, server_context
 
 log = logging.getLogger("pullthrough")
 

@@ -25,9 +25,9 @@ from aiohttp.tracing import Trace
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.auth import Challenge, Credentials, TokenAuth, parse_challenge
-from proxy.config import Settings, UpstreamSettings
-from proxy.errors import (
+from pullthrough.proxy.auth import Challenge, Credentials, TokenAuth, parse_challenge
+from pullthrough.proxy.config import Settings, UpstreamSettings
+from pullthrough.proxy.errors import (
     BlobUnknown,
     Denied,
     ManifestUnknown,
@@ -39,8 +39,8 @@ from proxy.errors import (
     Unauthorized,
     UpstreamUnavailable,
 )
-from proxy.failures import describe_failure, where
-from proxy.ratelog import ThrottledLog
+from pullthrough.proxy.failures import describe_failure, where
+from pullthrough.proxy.ratelog import ThrottledLog
 
 log = logging.getLogger(__name__)
 # One line per upstream and cause every 30 s: a dead upstream under load must

@@ -25,9 +25,9 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.errors import Unauthorized, UpstreamUnavailable
-from proxy.keys import SETTINGS
-from proxy.upstream import UpstreamClient, UpstreamOptions, new_session
+from pullthrough.proxy.errors import Unauthorized, UpstreamUnavailable
+from pullthrough.proxy.keys import SETTINGS
+from pullthrough.proxy.upstream import UpstreamClient, UpstreamOptions, new_session
 
 log = logging.getLogger(__name__)
 

@@ -12,15 +12,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from cache import graph
-from cache.digests import Digest
-from cache.manifests import StoredManifest
-from metrics import Metrics
-from proxy.config import Settings
-from proxy.errors import RegistryError
-from proxy.mirror import ACCEPT_ALL, Mirror
-from proxy.names import ImageRef, Reference
-from proxy.resources import Resources, open_mirrors
+from pullthrough.cache import graph
+from pullthrough.cache.digests import Digest
+from pullthrough.cache.manifests import StoredManifest
+from pullthrough.metrics import Metrics
+from pullthrough.proxy.config import Settings
+from pullthrough.proxy.errors import RegistryError
+from pullthrough.proxy.mirror import ACCEPT_ALL, Mirror
+from pullthrough.proxy.names import ImageRef, Reference
+from pullthrough.proxy.resources import Resources, open_mirrors
 
 PARALLEL_DOWNLOADS = 4
 

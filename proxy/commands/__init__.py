@@ -9,11 +9,11 @@ from collections.abc import Callable
 
 from rich.console import Console
 
-from cache.errors import CacheError
-from proxy import console
-from proxy.config import Settings
-from proxy.errors import RegistryError
-from proxy.images import NoCache, TransferError
+from pullthrough.cache.errors import CacheError
+from pullthrough.proxy import console
+from pullthrough.proxy.config import Settings
+from pullthrough.proxy.errors import RegistryError
+from pullthrough.proxy.images import NoCache, TransferError
 
 Command = Callable[[argparse.Namespace, Settings, Console], int]
 

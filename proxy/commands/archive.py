@@ -7,11 +7,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from cache.archive import export_archive, import_archive, read_ref_names
-from proxy.commands import CommandError, image_args, platform_args
-from proxy.config import Settings
-from proxy.console import byte_progress, human
-from proxy.images import import_store, open_images, plan_export, tag_import
+from pullthrough.cache.archive import export_archive, import_archive, read_ref_names
+from pullthrough.proxy.commands import CommandError, image_args, platform_args
+from pullthrough.proxy.config import Settings
+from pullthrough.proxy.console import byte_progress, human
+from pullthrough.proxy.images import import_store, open_images, plan_export, tag_import
 
 
 def export(args: argparse.Namespace, settings: Settings, console: Console) -> int:

@@ -7,12 +7,12 @@ import sys
 
 from rich.console import Console
 
-from cache.listing import disk_usage, list_images
-from cache.quarantine import Corrupt
-from cache.scrub import total_bytes, verify_all
-from proxy.config import Settings
-from proxy.console import byte_progress, human, image_table
-from proxy.images import CachedImages, open_images, set_pins
+from pullthrough.cache.listing import disk_usage, list_images
+from pullthrough.cache.quarantine import Corrupt
+from pullthrough.cache.scrub import total_bytes, verify_all
+from pullthrough.proxy.config import Settings
+from pullthrough.proxy.console import byte_progress, human, image_table
+from pullthrough.proxy.images import CachedImages, open_images, set_pins
 
 
 def run(args: argparse.Namespace, settings: Settings, console: Console) -> int:

@@ -7,11 +7,11 @@ import argparse
 
 from rich.console import Console
 
-from cache import gc
-from proxy.config import Settings
-from proxy.console import human
-from proxy.housekeeping import Housekeeper
-from proxy.images import open_images
+from pullthrough.cache import gc
+from pullthrough.proxy.config import Settings
+from pullthrough.proxy.console import human
+from pullthrough.proxy.housekeeping import Housekeeper
+from pullthrough.proxy.images import open_images
 
 
 def run(args: argparse.Namespace, settings: Settings, console: Console) -> int:

@@ -8,7 +8,7 @@ from collections import defaultdict
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.console import human
+from pullthrough.proxy.console import human
 
 
 def run(url: str) -> int:

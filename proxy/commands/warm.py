@@ -10,12 +10,12 @@ import time
 from rich.console import Console
 from rich.progress import Progress, TaskID
 
-from cache import stores
-from proxy.commands import image_args, platform_args
-from proxy.config import Settings
-from proxy.console import byte_progress, human
-from proxy.errors import RegistryError
-from proxy.warm import warm
+from pullthrough.cache import stores
+from pullthrough.proxy.commands import image_args, platform_args
+from pullthrough.proxy.config import Settings
+from pullthrough.proxy.console import byte_progress, human
+from pullthrough.proxy.errors import RegistryError
+from pullthrough.proxy.warm import warm
 
 
 class _Bars:

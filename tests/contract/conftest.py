@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from cache.blobs import BlobStore
-from cache.digests import Digest
-from cache.index import TagIndex
-from cache.layout import Layout
-from cache.manifests import ManifestStore
-from cache.storage import BlobStorage, ManifestStorage, TagStorage
+from pullthrough.cache.blobs import BlobStore
+from pullthrough.cache.digests import Digest
+from pullthrough.cache.index import TagIndex
+from pullthrough.cache.layout import Layout
+from pullthrough.cache.manifests import ManifestStore
+from pullthrough.cache.storage import BlobStorage, ManifestStorage, TagStorage
 
 
 @dataclass

@@ -8,9 +8,9 @@ import os
 
 import pytest
 
-from cache.digests import Digest
-from cache.errors import DigestMismatch, SizeMismatch
-from cache.storage import BlobStorage, DownloadSink, Tracker
+from pullthrough.cache.digests import Digest
+from pullthrough.cache.errors import DigestMismatch, SizeMismatch
+from pullthrough.cache.storage import BlobStorage, DownloadSink, Tracker
 from tests.contract.conftest import Backend
 from tests.support.trackers import read_all, reading
 

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from cache.digests import Digest
-from cache.errors import DigestMismatch
-from cache.manifests import StoredManifest
-from cache.mediatypes import OCI_MANIFEST
-from cache.quarantine import Corrupt
+from pullthrough.cache.digests import Digest
+from pullthrough.cache.errors import DigestMismatch
+from pullthrough.cache.manifests import StoredManifest
+from pullthrough.cache.mediatypes import OCI_MANIFEST
+from pullthrough.cache.quarantine import Corrupt
 from tests.contract.conftest import Backend
 
 DATA = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layers": []}).encode()

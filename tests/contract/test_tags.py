@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cache.index import Listing, TagEntry
+from pullthrough.cache.index import Listing, TagEntry
 from tests.contract.conftest import Backend
 
 A = TagEntry("sha256:" + "a" * 64, "application/vnd.oci.image.index.v1+json", 1000.0)

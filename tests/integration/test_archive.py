@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from cache.archive import ExportImage, export_archive, import_archive
-from cache.digests import Digest
-from cache.graph import children
-from cache.layout import Layout
-from cache.manifests import ManifestStore, StoredManifest
+from pullthrough.cache.archive import ExportImage, export_archive, import_archive
+from pullthrough.cache.digests import Digest
+from pullthrough.cache.graph import children
+from pullthrough.cache.layout import Layout
+from pullthrough.cache.manifests import ManifestStore, StoredManifest
 from tests.support.images import OCI_INDEX, OCI_MANIFEST, Image, Manifest, seed_images
 from tests.support.mirror import MirrorProcess, blob_files, run_cli
 from tests.support.registry import Registry, RegistryFactory

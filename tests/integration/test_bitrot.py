@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from proxy.app import create_app
+from pullthrough.proxy.app import create_app
 from tests.support import httpclient
 from tests.support.images import Image, make_image
 from tests.support.mirror import MirrorProcess, run_cli, settings_for

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from cache.index import TagIndex
+from pullthrough.cache.index import TagIndex
 from tests.support.images import ALPINE, BIG, DOCKER_MANIFEST_LIST, seed_images
 from tests.support.mirror import MirrorProcess, workers_of
 from tests.support.processes import free_port
@@ -474,7 +474,7 @@ def serve_once(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
         [
             sys.executable,
             "-m",
-            "proxy",
+            "pullthrough",
             "serve",
             "--host=127.0.0.1",
             f"--cache-dir={tmp_path / 'cache'}",

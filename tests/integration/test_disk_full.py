@@ -21,10 +21,10 @@ import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from cache.blobs import BlobSink
-from cache.space import RESERVE_BYTES
-from proxy.app import create_app
-from proxy.keys import MIRRORS
+from pullthrough.cache.blobs import BlobSink
+from pullthrough.cache.space import RESERVE_BYTES
+from pullthrough.proxy.app import create_app
+from pullthrough.proxy.keys import MIRRORS
 from tests.support.images import ACCEPT_ALL_MANIFESTS, HELLO, Blob, Image, make_image
 from tests.support.mirror import (
     MirrorProcess,
@@ -147,7 +147,7 @@ async def test_a_blob_larger_than_the_disk_is_served_whole_and_not_kept(
         assert body == {"status": "ready", "cache": "full", "upstream": "reachable"}
     assert probes(cache) == []
     # Warned about, once: a full disk must not write a line per request.
-    warnings = [r for r in caplog.records if r.name == "cache.space"]
+    warnings = [r for r in caplog.records if r.name == "pullthrough.cache.space"]
     assert [r.levelname for r in warnings] == ["WARNING"]
     print(f"MEASURED readyz: {resp.status} {body}; write failures (no_space): {failures}")
 

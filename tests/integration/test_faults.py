@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from proxy.app import create_app
+from pullthrough.proxy.app import create_app
 from tests.support.faults import Cdn, FaultRegistry, digest_of
 from tests.support.mirror import (
     MirrorProcess,

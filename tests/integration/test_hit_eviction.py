@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from cache.blobs import BlobStore, OpenBlob
-from cache.digests import Digest
-from proxy.app import create_app
-from proxy.keys import MIRRORS
+from pullthrough.cache.blobs import BlobStore, OpenBlob
+from pullthrough.cache.digests import Digest
+from pullthrough.proxy.app import create_app
+from pullthrough.proxy.keys import MIRRORS
 from tests.support.images import HELLO
 from tests.support.mirror import blob_files, settings_for
 from tests.support.registry import Registry

@@ -20,10 +20,10 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
-from proxy.app import create_app
-from proxy.config import Settings
-from proxy.errors import RedirectRefused
-from proxy.upstream import GuardedConnector, UpstreamClient, UpstreamOptions
+from pullthrough.proxy.app import create_app
+from pullthrough.proxy.config import Settings
+from pullthrough.proxy.errors import RedirectRefused
+from pullthrough.proxy.upstream import GuardedConnector, UpstreamClient, UpstreamOptions
 from tests.support.faults import (
     MANIFEST_TYPE,
     Cdn,
@@ -150,7 +150,7 @@ async def test_manifest_redirect_to_an_internal_service_is_refused(
     fault.redirect_manifests_to = str(internal_server.make_url("/internal/metadata"))
     cache = tmp_path / "cache"
     mirror = await make_mirror(aiohttp_client, upstream, cache)
-    caplog.set_level(logging.WARNING, logger="proxy.upstream")
+    caplog.set_level(logging.WARNING, logger="pullthrough.proxy.upstream")
     for _ in range(2):  # nothing was cached by the first
         async with mirror.request(method, "/v2/library/app/manifests/1.0") as resp:
             assert resp.status == 502
@@ -358,7 +358,7 @@ async def test_a_manifest_body_that_stops_half_way_is_a_readable_503(
         fault.stall.set()
     cause = f"{upstream.host}:{upstream.port} did not answer in full within 1 s"
     assert detail == cause
-    assert [r.getMessage() for r in caplog.records if r.name == "proxy.upstream"] == [
+    assert [r.getMessage() for r in caplog.records if r.name == "pullthrough.proxy.upstream"] == [
         f"upstream docker.io: {cause}"
     ]
     assert cached_manifests(tmp_path / "cache") == []
@@ -370,13 +370,13 @@ async def test_unreachable_upstream_reads_as_words_and_is_logged_once(
     port = free_port()  # nothing listens there
     settings = settings_for(tmp_path / "cache", f"http://127.0.0.1:{port}")
     mirror = await aiohttp_client(create_app(settings))
-    caplog.set_level(logging.WARNING, logger="proxy.upstream")
+    caplog.set_level(logging.WARNING, logger="pullthrough.proxy.upstream")
     for path in ("/v2/library/app/manifests/1.0", "/v2/library/app/manifests/2.0", URL_BLOB):
         async with mirror.get(path) as resp:
             assert resp.status == 503
             error = (await resp.json())["errors"][0]
             assert error["detail"] == f"cannot connect to 127.0.0.1:{port}: Connection refused"
-    warnings = [r.getMessage() for r in caplog.records if r.name == "proxy.upstream"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "pullthrough.proxy.upstream"]
     cause = f"cannot connect to 127.0.0.1:{port}: Connection refused"
     assert warnings == [f"upstream docker.io: {cause}"]
 

@@ -16,7 +16,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.app import create_app
+from pullthrough.proxy.app import create_app
 from tests.support.mirror import MirrorProcess, settings_for
 from tests.support.registry import Registry
 from tests.support.skopeo import Skopeo
@@ -86,7 +86,7 @@ def test_cold_then_warm_pull_counts_hits_misses_and_bytes(
         )
 
         out = subprocess.run(
-            [sys.executable, "-m", "proxy", "stats", "--url", mirror.url],
+            [sys.executable, "-m", "pullthrough", "stats", "--url", mirror.url],
             capture_output=True,
             text=True,
             check=True,
@@ -185,7 +185,7 @@ async def test_health_and_readiness(
 
 @pytest.mark.parametrize("fmt", ["text", "json"])
 def test_log_format_setting_is_validated(fmt: str) -> None:
-    from proxy.config import ConfigError, load_settings
+    from pullthrough.proxy.config import ConfigError, load_settings
 
     assert load_settings(environ={"PULLTHROUGH_LOG_FORMAT": fmt}).log_format == fmt
     with pytest.raises(ConfigError, match="log_format"):

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from cache.digests import Digest
-from cache.layout import Layout
-from cache.manifests import ManifestStore, StoredManifest
-from proxy.console import human
+from pullthrough.cache.digests import Digest
+from pullthrough.cache.layout import Layout
+from pullthrough.cache.manifests import ManifestStore, StoredManifest
+from pullthrough.proxy.console import human
 from tests.support.images import Image, make_image
 from tests.support.mirror import MirrorProcess, blob_files, run_cli
 from tests.support.registry import Registry, RegistryFactory
@@ -45,7 +45,13 @@ def tool(
     still running at ``timeout`` is killed with every process it started (a
     server that should have refused to start may have spawned workers)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("PULLTHROUGH_")}
-    argv = [sys.executable, "-m", "proxy", *args, *([f"--cache-dir={cache}"] if cache else [])]
+    argv = [
+        sys.executable,
+        "-m",
+        "pullthrough",
+        *args,
+        *([f"--cache-dir={cache}"] if cache else []),
+    ]
     with subprocess.Popen(
         argv,
         stdout=subprocess.PIPE,
@@ -217,7 +223,7 @@ def _kill_an_import(bundle: Path, cache: Path) -> Path:
 def _try_to_kill_an_import(bundle: Path, cache: Path) -> Path | None:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("PULLTHROUGH_")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "import", str(bundle), f"--cache-dir={cache}"],
+        [sys.executable, "-m", "pullthrough", "import", str(bundle), f"--cache-dir={cache}"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=clean,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.upstream import USER_AGENT
+from pullthrough.proxy.upstream import USER_AGENT
 from tests.support.images import Image, make_image, push_images
 from tests.support.mirror import MirrorProcess
 from tests.support.registry import AccessLogEntry

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from yarl import URL
 
-from proxy.config import Settings
+from pullthrough.proxy.config import Settings
 from tests.support import processes
 from tests.support.processes import free_port, wait_ready
 
@@ -92,7 +92,7 @@ class MirrorProcess:
                 [
                     sys.executable,
                     "-m",
-                    "proxy",
+                    "pullthrough",
                     "serve",
                     "--host=127.0.0.1",
                     f"--port={self.port}",
@@ -143,7 +143,7 @@ def run_cli(
 ) -> subprocess.CompletedProcess[str]:
     """``pullthrough ARGS`` as a user runs it, on ``cache`` with ``upstream``."""
     return subprocess.run(
-        [sys.executable, "-m", "proxy", *args],
+        [sys.executable, "-m", "pullthrough", *args],
         capture_output=True,
         text=True,
         env={

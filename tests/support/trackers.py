@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from cache.storage import Tracker
+from pullthrough.cache.storage import Tracker
 
 
 async def read_all(tracker: Tracker, start: int = 0, end: int | None = None) -> bytes:

@@ -9,7 +9,7 @@ from pathlib import Path
 import bcrypt
 import pytest
 
-from proxy.access import (
+from pullthrough.proxy.access import (
     Authenticator,
     FailedLogins,
     HtpasswdError,
@@ -17,11 +17,11 @@ from proxy.access import (
     Users,
     read_htpasswd,
 )
-from proxy.config import AccessRule, ConfigError, Settings, load_settings
-from proxy.errors import TooManyRequests, Unauthorized
-from proxy.forwarded import forwarded_client, networks
-from proxy.server import StartupError, check_access
-from proxy.tokens import InvalidToken, Tokens
+from pullthrough.proxy.config import AccessRule, ConfigError, Settings, load_settings
+from pullthrough.proxy.errors import TooManyRequests, Unauthorized
+from pullthrough.proxy.forwarded import forwarded_client, networks
+from pullthrough.proxy.server import StartupError, check_access
+from pullthrough.proxy.tokens import InvalidToken, Tokens
 
 
 def entry(user: str, password: str) -> str:

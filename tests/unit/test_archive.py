@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from cache import archive
-from cache.archive import (
+from pullthrough.cache import archive
+from pullthrough.cache.archive import (
     PLATFORMS,
     REF_NAME,
     ArchiveError,
@@ -25,9 +25,9 @@ from cache.archive import (
     export_archive,
     import_archive,
 )
-from cache.digests import Digest
-from cache.layout import Layout
-from cache.manifests import ManifestStore, StoredManifest
+from pullthrough.cache.digests import Digest
+from pullthrough.cache.layout import Layout
+from pullthrough.cache.manifests import ManifestStore, StoredManifest
 from tests.support.images import OCI_INDEX, Image, Manifest, seed_images
 
 ALPINE = "library/alpine:3.19"  # a Docker manifest list: linux/amd64, linux/arm64

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from cache import blobs, evict
-from cache.blobs import BlobSink, BlobStore, BlobWriter
-from cache.digests import Digest
-from cache.errors import DigestMismatch, DownloadFailed
-from cache.layout import Layout
-from cache.space import WriteFailures
+from pullthrough.cache import blobs, evict
+from pullthrough.cache.blobs import BlobSink, BlobStore, BlobWriter
+from pullthrough.cache.digests import Digest
+from pullthrough.cache.errors import DigestMismatch, DownloadFailed
+from pullthrough.cache.layout import Layout
+from pullthrough.cache.space import WriteFailures
 from tests.support.trackers import read_all, reading
 
 DATA = os.urandom(2 * 1024 * 1024 + 3)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
-from proxy.errors import RangeInvalid
-from proxy.routes import _byte_range
+from pullthrough.proxy.errors import RangeInvalid
+from pullthrough.proxy.routes import _byte_range
 
 SIZE = 100
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from cache.index import Listing, TagEntry, TagIndex
-from cache.mediatypes import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX
-from proxy.logs import RateLimit
-from proxy.mirror import (
+from pullthrough.cache.index import Listing, TagEntry, TagIndex
+from pullthrough.cache.mediatypes import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX
+from pullthrough.proxy.logs import RateLimit
+from pullthrough.proxy.mirror import (
     KNOWN_TYPES,
     RecentTags,
     accept_key,
@@ -63,7 +63,7 @@ def test_recent_tags_are_bounded_and_expire() -> None:
 async def test_listings_are_evicted_but_tags_and_pins_never(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("cache.index.LISTINGS_SIZE_LIMIT", 1 << 20)
+    monkeypatch.setattr("pullthrough.cache.index.LISTINGS_SIZE_LIMIT", 1 << 20)
     index = TagIndex(tmp_path / "index")
     try:
         index.set_pins({"docker.io/library/alpine:3.19"})

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from yarl import URL
 
-from proxy.auth import parse_challenge
-from proxy.config import DOCKER_HUB, ConfigError, Settings, load_settings
+from pullthrough.proxy.auth import parse_challenge
+from pullthrough.proxy.config import DOCKER_HUB, ConfigError, Settings, load_settings
 
 
 def test_defaults_work_on_a_fresh_machine() -> None:

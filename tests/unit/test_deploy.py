@@ -24,8 +24,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.app import create_app
-from proxy.config import Settings
+from pullthrough.proxy.app import create_app
+from pullthrough.proxy.config import Settings
 from tests.support.binaries import require_binary
 from tests.support.mirror import settings_for
 from tests.support.processes import free_port

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from cache.digests import Digest
-from cache.evict import GRACE_SECONDS, LOW_WATER, Eviction, evict
-from cache.layout import Layout
+from pullthrough.cache.digests import Digest
+from pullthrough.cache.evict import GRACE_SECONDS, LOW_WATER, Eviction, evict
+from pullthrough.cache.layout import Layout
 
 NOW = 1_000_000_000.0
 HOUR = 3600.0

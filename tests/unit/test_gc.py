@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from cache.blobs import STALE_TMP_SECONDS
-from cache.digests import Digest
-from cache.gc import collect
-from cache.layout import Layout
-from cache.manifests import ManifestStore, StoredManifest
-from cache.mediatypes import OCI_MANIFEST
+from pullthrough.cache.blobs import STALE_TMP_SECONDS
+from pullthrough.cache.digests import Digest
+from pullthrough.cache.gc import collect
+from pullthrough.cache.layout import Layout
+from pullthrough.cache.manifests import ManifestStore, StoredManifest
+from pullthrough.cache.mediatypes import OCI_MANIFEST
 
 OLD = time.time() - STALE_TMP_SECONDS - 60
 

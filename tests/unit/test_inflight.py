@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from proxy.inflight import SingleFlight
+from pullthrough.proxy.inflight import SingleFlight
 
 
 class Call:

@@ -41,6 +41,6 @@ def test_storage_and_metrics_never_import_the_http_side(package: str) -> None:
 
 
 def test_the_cache_commands_do_not_load_the_web_app() -> None:
-    loaded = loaded_after(package_modules("proxy.commands"))
-    assert "proxy.app" not in loaded
-    assert "proxy.routes" not in loaded
+    loaded = loaded_after(package_modules("pullthrough.proxy.commands"))
+    assert "pullthrough.proxy.app" not in loaded
+    assert "pullthrough.proxy.routes" not in loaded

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from cache.digests import Digest
-from cache.layout import Layout
-from cache.manifests import ManifestStore, StoredManifest
-from cache.mediatypes import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, is_media_type
-from proxy.mirror import manifest_media_type
+from pullthrough.cache.digests import Digest
+from pullthrough.cache.layout import Layout
+from pullthrough.cache.manifests import ManifestStore, StoredManifest
+from pullthrough.cache.mediatypes import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, is_media_type
+from pullthrough.proxy.mirror import manifest_media_type
 
 OCI_DOC = json.dumps({"schemaVersion": 2, "config": {}, "layers": []}).encode()
 

@@ -2,10 +2,10 @@ from __future__ import annotations
 
 import pytest
 
-from cache.digests import Digest
-from cache.errors import InvalidDigest, UnsupportedDigest
-from proxy.errors import NameInvalid, TagInvalid
-from proxy.names import Reference, repository
+from pullthrough.cache.digests import Digest
+from pullthrough.cache.errors import InvalidDigest, UnsupportedDigest
+from pullthrough.proxy.errors import NameInvalid, TagInvalid
+from pullthrough.proxy.names import Reference, repository
 
 HEX = "a" * 64
 

@@ -11,10 +11,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from proxy.app import create_app
-from proxy.errors import oci_errors
-from proxy.mirror import Mirror
-from proxy.server import FD_RESERVE, FDS_PER_CONNECTION, MAX_REFUSING, connection_cap
+from pullthrough.proxy.app import create_app
+from pullthrough.proxy.errors import oci_errors
+from pullthrough.proxy.mirror import Mirror
+from pullthrough.proxy.server import FD_RESERVE, FDS_PER_CONNECTION, MAX_REFUSING, connection_cap
 from tests.support.mirror import settings_for
 
 Client = TestClient[Any, Any]

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from cache.digests import Digest
-from cache.layout import Layout
-from cache.manifests import ManifestStore, StoredManifest
-from cache.quarantine import quarantine
-from cache.scrub import Scrubber, Throttle, verify_all
-from proxy.config import ConfigError, load_settings
+from pullthrough.cache.digests import Digest
+from pullthrough.cache.layout import Layout
+from pullthrough.cache.manifests import ManifestStore, StoredManifest
+from pullthrough.cache.quarantine import quarantine
+from pullthrough.cache.scrub import Scrubber, Throttle, verify_all
+from pullthrough.proxy.config import ConfigError, load_settings
 
 MANIFEST = b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}'
 MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"

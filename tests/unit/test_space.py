@@ -9,7 +9,7 @@ import sqlite3
 
 import pytest
 
-from cache.space import REASONS, WARN_EVERY_SECONDS, WriteFailures, reason_of
+from pullthrough.cache.space import REASONS, WARN_EVERY_SECONDS, WriteFailures, reason_of
 
 
 def oserror(code: int) -> OSError:
@@ -40,7 +40,7 @@ def test_warnings_are_rate_limited_and_say_how_many_were_held_back(
     now = [1000.0]
     counted: list[str] = []
     failures = WriteFailures(counted.append, clock=lambda: now[0])
-    with caplog.at_level(logging.WARNING, logger="cache.space"):
+    with caplog.at_level(logging.WARNING, logger="pullthrough.cache.space"):
         for _ in range(5):
             failures.record("blob sha256:x", oserror(errno.ENOSPC))
         failures.record("blob sha256:y", oserror(errno.EIO))  # another reason: its own

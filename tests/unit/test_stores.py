@@ -10,16 +10,16 @@ from pathlib import Path
 import pytest
 from yarl import URL
 
-from cache import stores
-from cache.digests import Digest
-from cache.index import TagEntry, TagIndex
-from cache.layout import Layout
-from cache.manifests import ManifestStore, StoredManifest
-from cache.stores import KnownUpstream
-from metrics import Metrics
-from proxy.config import ConfigError, Settings, parse_upstreams
-from proxy.images import TransferError, import_store, open_images, rekey_tags
-from proxy.resources import open_mirrors
+from pullthrough.cache import stores
+from pullthrough.cache.digests import Digest
+from pullthrough.cache.index import TagEntry, TagIndex
+from pullthrough.cache.layout import Layout
+from pullthrough.cache.manifests import ManifestStore, StoredManifest
+from pullthrough.cache.stores import KnownUpstream
+from pullthrough.metrics import Metrics
+from pullthrough.proxy.config import ConfigError, Settings, parse_upstreams
+from pullthrough.proxy.images import TransferError, import_store, open_images, rekey_tags
+from pullthrough.proxy.resources import open_mirrors
 
 OLD_URL = "http://127.0.0.1:5999"
 

@@ -12,18 +12,18 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from yarl import URL
 
-from cache.blobs import BlobStore
-from cache.digests import Digest
-from cache.index import TagEntry, TagIndex
-from cache.layout import Layout
-from cache.manifests import ManifestStore
-from cache.mediatypes import DOCKER_MANIFEST, OCI_INDEX
-from metrics import Metrics
-from proxy.config import UpstreamSettings
-from proxy.errors import ManifestUnknown, UpstreamUnavailable
-from proxy.mirror import ManifestAnswer, Mirror
-from proxy.names import Reference
-from proxy.upstream import UpstreamClient
+from pullthrough.cache.blobs import BlobStore
+from pullthrough.cache.digests import Digest
+from pullthrough.cache.index import TagEntry, TagIndex
+from pullthrough.cache.layout import Layout
+from pullthrough.cache.manifests import ManifestStore
+from pullthrough.cache.mediatypes import DOCKER_MANIFEST, OCI_INDEX
+from pullthrough.metrics import Metrics
+from pullthrough.proxy.config import UpstreamSettings
+from pullthrough.proxy.errors import ManifestUnknown, UpstreamUnavailable
+from pullthrough.proxy.mirror import ManifestAnswer, Mirror
+from pullthrough.proxy.names import Reference
+from pullthrough.proxy.upstream import UpstreamClient
 from tests.support.faults import FaultRegistry
 
 Server = Callable[[web.Application], Awaitable[TestServer]]

@@ -12,11 +12,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from yarl import URL
 
-from proxy import auth
-from proxy.auth import Challenge, Credentials, TokenAuth, parse_challenge
-from proxy.config import UpstreamSettings
-from proxy.errors import Unauthorized
-from proxy.upstream import UpstreamClient
+from pullthrough.proxy import auth
+from pullthrough.proxy.auth import Challenge, Credentials, TokenAuth, parse_challenge
+from pullthrough.proxy.config import UpstreamSettings
+from pullthrough.proxy.errors import Unauthorized
+from pullthrough.proxy.upstream import UpstreamClient
 from tests.support.faults import FaultRegistry
 
 Server = Callable[[web.Application], Awaitable[TestServer]]
@@ -90,7 +90,7 @@ async def test_an_expired_token_is_replaced(
 ) -> None:
     now = [1000.0]
     # proxy.auth's clock only: the event loop keeps the real one.
-    monkeypatch.setattr("proxy.auth.time", SimpleNamespace(monotonic=lambda: now[0]))
+    monkeypatch.setattr("pullthrough.proxy.auth.time", SimpleNamespace(monotonic=lambda: now[0]))
     assert await status(client) == 200
     now[0] += 300 - auth.EXPIRY_MARGIN - 1  # the fake's tokens live 300 s
     assert await status(client) == 200

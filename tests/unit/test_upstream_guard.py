@@ -15,10 +15,10 @@ from aiohttp.client_reqrep import ConnectionKey
 from aiohttp.test_utils import TestServer
 from yarl import URL
 
-from proxy.config import ConfigError, Settings, load_settings
-from proxy.failures import describe_failure
-from proxy.ratelog import ThrottledLog
-from proxy.upstream import (
+from pullthrough.proxy.config import ConfigError, Settings, load_settings
+from pullthrough.proxy.failures import describe_failure
+from pullthrough.proxy.ratelog import ThrottledLog
+from pullthrough.proxy.upstream import (
     GuardedConnector,
     RedirectPolicy,
     UnsafeAddress,

@@ -1,0 +1,3 @@
+from pullthrough.proxy.cli import main
+
+raise SystemExit(main())

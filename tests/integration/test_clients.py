@@ -375,25 +375,15 @@ def test_containerd_ctr_pulls_through_the_mirror(
 # ------------------------------------------------------------------------ podman
 
 
-def test_podman_pulls_through_the_mirror(
-    upstream: Registry, mirror: MirrorProcess, short_dir: Path, tmp_path: Path
-) -> None:
-    podman = require_binary("podman")
-    require_root("podman")
-    image = upstream.images[ALPINE]
-    ref = "docker.io/library/alpine:3.19"
+def podman_sandbox(
+    podman: str, tmp_path: Path, store: Path, registries: str = ""
+) -> tuple[Path, dict[str, str], list[str]]:
+    """podman isolated from the machine: its config folder, its environment and
+    the start of its command line, with vfs storage under ``store`` (a short
+    path: podman's sockets live there) and ``registries`` in registries.conf."""
     conf = tmp_path / "podman"
     conf.mkdir()
-    (conf / "registries.conf").write_text(
-        "unqualified-search-registries = []\n\n"
-        "[[registry]]\n"
-        'prefix = "docker.io"\n'
-        'location = "docker.io"\n\n'
-        "[[registry.mirror]]\n"
-        f'location = "{host(mirror)}"\n'
-        "insecure = true\n"
-    )
-    store = short_dir / "podman"
+    (conf / "registries.conf").write_text("unqualified-search-registries = []\n\n" + registries)
     (conf / "storage.conf").write_text(
         f'[storage]\ndriver = "vfs"\ngraphroot = "{store / "root"}"\nrunroot = "{store / "run"}"\n'
     )
@@ -413,7 +403,7 @@ def test_podman_pulls_through_the_mirror(
         "CONTAINERS_STORAGE_CONF": str(conf / "storage.conf"),
         "CONTAINERS_CONF": str(conf / "containers.conf"),
     }
-    podman_ = [
+    argv = [
         podman,
         "--root",
         str(store / "root"),
@@ -426,6 +416,27 @@ def test_podman_pulls_through_the_mirror(
         "--network-config-dir",
         str(store / "networks"),
     ]
+    return conf, env, argv
+
+
+def test_podman_pulls_through_the_mirror(
+    upstream: Registry, mirror: MirrorProcess, short_dir: Path, tmp_path: Path
+) -> None:
+    podman = require_binary("podman")
+    require_root("podman")
+    image = upstream.images[ALPINE]
+    ref = "docker.io/library/alpine:3.19"
+    conf, env, podman_ = podman_sandbox(
+        podman,
+        tmp_path,
+        short_dir / "podman",
+        "[[registry]]\n"
+        'prefix = "docker.io"\n'
+        'location = "docker.io"\n\n'
+        "[[registry.mirror]]\n"
+        f'location = "{host(mirror)}"\n'
+        "insecure = true\n",
+    )
     pull = [
         *podman_,
         "pull",

@@ -36,6 +36,7 @@ from tests.integration.test_clients import (
     base_env,
     config_digest,
     mounts_under,
+    podman_sandbox,
     remove_if_new,
     require_root,
     run,
@@ -394,31 +395,8 @@ def test_podman_pulls_over_https_with_cert_dir_and_creds(
 ) -> None:
     podman = require_binary("podman")
     require_root("podman")
-    conf = tmp_path / "podman"
-    conf.mkdir()
-    (conf / "registries.conf").write_text("unqualified-search-registries = []\n")
     store = Path(f"/tmp/pt-podman-{os.getpid()}-{secure.mirror.port}")
-    (conf / "storage.conf").write_text(
-        f'[storage]\ndriver = "vfs"\ngraphroot = "{store / "root"}"\nrunroot = "{store / "run"}"\n'
-    )
-    (conf / "containers.conf").write_text(
-        '[engine]\nevents_logger = "none"\ncgroup_manager = "cgroupfs"\n'
-        '[network]\nnetwork_backend = "cni"\n'
-    )
-    (conf / "policy.json").write_text('{"default": [{"type": "insecureAcceptAnything"}]}\n')
-    (conf / "auth.json").write_text('{"auths": {}}\n')
-    (store / "tmp").mkdir(parents=True)
-    env = {
-        **base_env(tmp_path / "home"),
-        "TMPDIR": str(store / "tmp"),
-        "CONTAINERS_REGISTRIES_CONF": str(conf / "registries.conf"),
-        "CONTAINERS_STORAGE_CONF": str(conf / "storage.conf"),
-        "CONTAINERS_CONF": str(conf / "containers.conf"),
-    }
-    podman_: list[str | Path] = [
-        podman, "--root", store / "root", "--runroot", store / "run", "--storage-driver", "vfs",
-        "--tmpdir", store / "libpod", "--network-config-dir", store / "networks",
-    ]  # fmt: skip
+    conf, env, podman_ = podman_sandbox(podman, tmp_path, store)
 
     def pull(ref: str, *creds: str | Path) -> str:
         return run(

@@ -158,7 +158,9 @@ def test_json_request_log_has_the_fields_and_no_credentials(
     assert blob["bytes"] > 0
     assert blob["duration_ms"] >= 0
     results = {r["result"] for r in requests if "/blobs/" in r["path"]}
-    assert "hit" in results and results - {"hit"} and results <= {"hit", *cold}
+    assert "hit" in results
+    assert results - {"hit"}
+    assert results <= {"hit", *cold}
     assert "wonderland" not in text
     assert "Bearer" not in text
 

@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from pullthrough.cache.digests import Digest
 from pullthrough.proxy.app import create_app
 from pullthrough.proxy.keys import MIRRORS
 from tests.integration.test_metrics import scrape, value
@@ -140,9 +141,11 @@ async def mirror_of(
 
 
 async def settle(client: TestClient[Any, Any]) -> None:
+    """Read-ahead done, and the downloads it started committed."""
     readahead = client.app[MIRRORS].default.readahead
     assert readahead is not None
     await readahead.settle()
+    await client.app[MIRRORS].default.settle()
 
 
 async def test_read_ahead_backs_off_after_a_429_and_clients_still_get_blobs(
@@ -207,3 +210,27 @@ async def test_many_downloads_starting_at_once_ask_for_one_token(
     bodies = await asyncio.gather(*(get(d) for d in blobs))
     assert [digest_of(b) for b in bodies] == blobs
     assert fault.tokens_issued == 1
+
+
+async def test_a_cached_manifest_whose_layers_went_reads_them_ahead_again(
+    aiohttp_server: Server, aiohttp_client: Client, tmp_path: Path
+) -> None:
+    fault = FaultRegistry()
+    _, blobs = layered(fault, "a", 4, 2048)
+    mirror = await mirror_of(fault, aiohttp_server, aiohttp_client, tmp_path)
+    async with mirror.get("/v2/app/manifests/a") as resp:
+        assert resp.status == 200
+    await settle(mirror)
+    assert fault.count("GET", "blobs") == len(blobs)
+    store = mirror.app[MIRRORS].default.blobs
+    for gone in blobs[1:3]:  # evicted, say
+        assert store.remove(Digest.parse(gone))
+    async with mirror.get("/v2/app/manifests/a") as resp:
+        assert resp.status == 200
+    await settle(mirror)
+    assert fault.count("GET", "blobs") == len(blobs) + 2
+    async with mirror.get("/v2/app/manifests/a") as resp:  # all there: nothing more
+        assert resp.status == 200
+    await settle(mirror)
+    assert fault.count("GET", "blobs") == len(blobs) + 2
+    assert all(store.stat(Digest.parse(d)) is not None for d in blobs)

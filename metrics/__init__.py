@@ -74,7 +74,7 @@ class Metrics:
         self.requests = Counter(
             "pullthrough_requests",
             "Registry requests served, by kind (manifest, blob, tags) and result "
-            "(hit, miss, stale, error)",
+            "(hit, prefetched, miss, stale, error)",
             ["kind", "result"],
             registry=self.registry,
         )
@@ -140,6 +140,27 @@ class Metrics:
             "pullthrough_stale_served",
             "Answers from the cache because the upstream could not be asked",
             ["reason"],
+            registry=self.registry,
+        )
+        self.prefetch_started = Counter(
+            "pullthrough_prefetch_started",
+            "Blob downloads read-ahead started after answering an image manifest",
+            registry=self.registry,
+        )
+        self.prefetch_used = Counter(
+            "pullthrough_prefetch_used",
+            "Client blob requests served from a read-ahead download (finished or running)",
+            registry=self.registry,
+        )
+        self.prefetch_unclaimed_bytes = Gauge(
+            "pullthrough_prefetch_unclaimed_bytes",
+            "Bytes read-ahead fetched that no client has asked for (yet)",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self.prefetch_backoffs = Counter(
+            "pullthrough_prefetch_backoffs",
+            "Times read-ahead paused because the upstream answered 429 or 5xx",
             registry=self.registry,
         )
 

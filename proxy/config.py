@@ -278,6 +278,14 @@ class Settings:
     # Cache size cap in bytes ("50GiB", "500MB" or a number); least recently used
     # blobs and manifests go first. None: no cap.
     max_size: int | None = None
+    # Read-ahead: once an image manifest is answered (fetched, or cached with
+    # blobs missing), fetch its config and layers before the client asks, so its
+    # blob requests join downloads already running. At most prefetch_per_image
+    # downloads per image and prefetch_total per worker; none for an image
+    # larger than max_size; paused after an upstream 429 or 5xx.
+    prefetch: bool = True
+    prefetch_per_image: int = 4
+    prefetch_total: int = 16
     # Remove what has not been used for this many days. None: keep forever.
     max_age_days: float | None = None
     # Images never evicted ("alpine:3.19", "ghcr.io/owner/app:1"), besides those
@@ -360,6 +368,12 @@ class Settings:
                 )
         if self.max_size is not None and self.max_size <= 0:
             raise ConfigError(f"max_size must be positive, not {self.max_size}")
+        if not 1 <= self.prefetch_per_image <= 64:
+            raise ConfigError(f"prefetch_per_image must be 1-64, not {self.prefetch_per_image}")
+        if not self.prefetch_per_image <= self.prefetch_total <= 1024:
+            raise ConfigError(
+                f"prefetch_total must be prefetch_per_image-1024, not {self.prefetch_total}"
+            )
         if self.max_age_days is not None and self.max_age_days <= 0:
             raise ConfigError(f"max_age_days must be positive, not {self.max_age_days}")
         if self.scrub_rate < 0:

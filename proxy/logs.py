@@ -35,7 +35,7 @@ LOGGED_PATH = 512
 
 # What a request's source (proxy/keys.py SOURCE) is called in the access log
 # and in pullthrough_requests_total's result label.
-RESULTS = {"cache": "hit", "stale": "stale", "upstream": "miss"}
+RESULTS = {"cache": "hit", "stale": "stale", "upstream": "miss", "prefetched": "prefetched"}
 QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 

@@ -55,6 +55,7 @@ from pullthrough.proxy.errors import (
 )
 from pullthrough.proxy.inflight import SingleFlight
 from pullthrough.proxy.names import Reference
+from pullthrough.proxy.readahead import ReadAhead
 from pullthrough.proxy.upstream import UpstreamClient, raise_for_status
 
 log = logging.getLogger(__name__)
@@ -197,6 +198,7 @@ class Mirror:
         tag_ttl: float = 300.0,
         offline: bool = False,
         library_prefix: bool = False,
+        readahead: ReadAhead | None = None,
     ) -> None:
         self.name = upstream.name
         self.library_prefix = library_prefix
@@ -207,6 +209,7 @@ class Mirror:
         self.manifests = manifests
         self.tags = tags
         self.metrics = metrics
+        self.readahead = readahead
         self._probe: tuple[float, str] | None = None
         self._recent_tags = RecentTags()
         # Tags are recorded under the upstream's name, not its URL: the tools
@@ -224,9 +227,23 @@ class Mirror:
         # From here on, and upstream, only the types the mirror knows.
         accept = accepted_types(accept)
         if reference.digest is not None:
-            return await self._by_digest(repository, reference.digest, accept, head=head)
-        assert reference.tag is not None
-        return await self._by_tag(repository, reference.tag, accept, head=head)
+            answer = await self._by_digest(repository, reference.digest, accept, head=head)
+        else:
+            assert reference.tag is not None
+            answer = await self._by_tag(repository, reference.tag, accept, head=head)
+        self._read_ahead(repository, answer)
+        return answer
+
+    def _read_ahead(self, repository: str, answer: ManifestAnswer) -> None:
+        """Start fetching what an image manifest a client got needs (the client
+        asks for it next). An index names no blobs: its platform manifests start
+        read-ahead only when a client asks for them."""
+        if self.readahead is None or answer.data is None or self.offline:
+            return
+        if answer.media_type not in (OCI_MANIFEST, DOCKER_MANIFEST):
+            return
+        stored = StoredManifest(Digest.parse(answer.digest), answer.media_type, answer.data)
+        self.readahead.image(self.name, repository, stored, self.blob_download, self.blobs.stat)
 
     async def _by_digest(
         self, repository: str, digest: Digest, accept: Sequence[str], *, head: bool
@@ -472,7 +489,9 @@ class Mirror:
         for attempt in range(1, FOLLOW_ATTEMPTS + 1):
             held = self.blobs.open(digest)
             if held is not None:
-                return BlobHit(held)
+                hit = BlobHit(held)
+                hit.prefetched = self._claimed(digest)
+                return hit
             # Not cached (or evicted just now): from the upstream.
             tracker = self.blob_download(repository, digest)
             if tracker is None:
@@ -489,8 +508,14 @@ class Mirror:
                 raise
             if tracker.joined:
                 self.metrics.coalesced.labels("blob").inc()
-            return BlobStream(self, repository, digest, tracker, size)
+            stream = BlobStream(self, repository, digest, tracker, size)
+            stream.prefetched = self._claimed(digest)
+            return stream
         raise DownloadFailed(f"could not follow the download of {digest}")
+
+    def _claimed(self, digest: Digest) -> bool:
+        """Was (or is) this blob being fetched by read-ahead, not yet asked for?"""
+        return self.readahead is not None and self.readahead.claim(self.name, digest)
 
     def blob_hit(self, digest: Digest) -> int | None:
         """The cached blob's size (its use recorded), or None."""
@@ -544,6 +569,7 @@ class BlobHit:
     def __init__(self, held: HeldBlob) -> None:
         self._held = held
         self.size = held.size
+        self.prefetched = False  # committed by read-ahead for this pull
 
     @property
     def path(self) -> Path:
@@ -566,6 +592,7 @@ class BlobStream:
         self, mirror: Mirror, repository: str, digest: Digest, tracker: Tracker, size: int | None
     ) -> None:
         self.size = size
+        self.prefetched = False  # a download read-ahead started
         self._mirror = mirror
         self._repository = repository
         self._digest = digest

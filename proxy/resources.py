@@ -22,6 +22,7 @@ from pullthrough.proxy.config import Settings, UpstreamSettings
 from pullthrough.proxy.housekeeping import Housekeeper
 from pullthrough.proxy.images import CachedImages, known_upstreams, rekey_tags
 from pullthrough.proxy.mirror import Mirror, Mirrors
+from pullthrough.proxy.readahead import ReadAhead, ReadAheadSettings
 from pullthrough.proxy.upstream import (
     RateLimit,
     UpstreamClient,
@@ -115,6 +116,15 @@ async def open_mirrors(settings: Settings, metrics: Metrics) -> AsyncIterator[Re
     session = new_session(settings)
     redirect_session = new_redirect_session(settings)
     options = UpstreamOptions.from_settings(settings)
+    readahead = ReadAhead(
+        ReadAheadSettings(
+            enabled=settings.prefetch,
+            per_image=settings.prefetch_per_image,
+            total=settings.prefetch_total,
+            max_size=settings.max_size,
+        ),
+        metrics,
+    )
     mirrors = []
     for up in settings.all_upstreams():
         blobs, manifests = opened[by_upstream[up.name]]
@@ -128,6 +138,7 @@ async def open_mirrors(settings: Settings, metrics: Metrics) -> AsyncIterator[Re
                 tag_ttl=settings.tag_ttl if up.tag_ttl is None else up.tag_ttl,
                 offline=settings.offline if up.offline is None else up.offline,
                 library_prefix=up.library_prefix,
+                readahead=readahead,
             )
         )
     online = [m for m in mirrors if not m.offline]
@@ -137,6 +148,7 @@ async def open_mirrors(settings: Settings, metrics: Metrics) -> AsyncIterator[Re
     try:
         yield Resources(Mirrors(mirrors[0], mirrors[1:]), images, housekeeper)
     finally:
+        await readahead.close()
         for blobs, _ in opened.values():
             await blobs.close()
         await session.close()

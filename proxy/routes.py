@@ -201,7 +201,7 @@ async def blob(
         return web.Response(headers=headers)
     answer = await mirror.blob(repository, digest)
     if isinstance(answer, BlobHit):
-        request[SOURCE] = "cache"
+        request[SOURCE] = "prefetched" if answer.prefetched else "cache"
         if request.headers.get("Range"):
             try:
                 # FileResponse would answer an unsatisfiable range with a bare
@@ -211,7 +211,7 @@ async def blob(
                 answer.close()
                 raise
         return _HeldFileResponse(answer, headers=_blob_headers(digest))
-    request[SOURCE] = "upstream"
+    request[SOURCE] = "prefetched" if answer.prefetched else "upstream"
     try:
         return await _stream(request, digest, answer)
     finally:
@@ -319,7 +319,8 @@ async def count_served_bytes(request: web.Request, response: web.StreamResponse)
     """on_response_prepare: count what a GET sends, by where it came from."""
     source = request.get(SOURCE)
     if source and request.method == "GET" and response.status in (200, 206):
-        origin = "upstream" if source == "upstream" else "cache"
+        # A read-ahead download's bytes came from the upstream for this pull.
+        origin = "upstream" if source in ("upstream", "prefetched") else "cache"
         request.app[METRICS].served_bytes.labels(origin).inc(response.content_length or 0)
 
 

@@ -49,11 +49,16 @@ def summarize(text: str) -> str:
     for kind in ("manifest", "blob", "tags"):
         counts = {
             r: total("pullthrough_requests_total", kind=kind, result=r)
-            for r in ("hit", "miss", "stale", "error")
+            for r in ("hit", "miss", "stale", "error", "prefetched")
         }
+        # A blob served from a read-ahead download was fetched for this pull: a
+        # miss, only a faster one.
+        prefetched = counts.pop("prefetched")
+        counts["miss"] += prefetched
         if sum(counts.values()):
+            ahead = f" ({prefetched:.0f} read ahead)" if prefetched else ""
             lines.append(
-                f"  {kind + 's':<10} {counts['hit']:.0f} hit, {counts['miss']:.0f} miss, "
+                f"  {kind + 's':<10} {counts['hit']:.0f} hit, {counts['miss']:.0f} miss{ahead}, "
                 f"{counts['stale']:.0f} stale, {counts['error']:.0f} error"
             )
         answered += counts["hit"] + counts["miss"] + counts["stale"]

@@ -64,6 +64,8 @@ class FaultRegistry:
     # that accepts connections and never answers.
     hang: asyncio.Event | None = None
     tags: list[str] = field(default_factory=list)
+    # When set, blob requests (only) are answered with this status and an OCI body.
+    blob_status: int | None = None
     seen: list[Seen] = field(default_factory=list)
     tokens_issued: int = 0
     # The Authorization header of every token request (None: anonymous).
@@ -185,6 +187,12 @@ class FaultRegistry:
         refused = self._gate(request)
         if refused is not None:
             return refused
+        if self.blob_status is not None:
+            return web.json_response(
+                {"errors": [{"code": "UNAVAILABLE", "message": "try later"}]},
+                status=self.blob_status,
+                headers=self.extra_headers,
+            )
         digest = request.match_info["digest"]
         data = self.blobs.get(digest)
         if data is None:

@@ -42,6 +42,9 @@ def test_flags_beat_environment_beat_file(tmp_path: Path) -> None:
         ({"PULLTHROUGH_LIBRARY_PREFIX": "maybe"}, "library_prefix"),
         ({"PULLTHROUGH_CACHE_DIR": ""}, "cache_dir .* is set but empty"),
         ({"PULLTHROUGH_CACHE_DIR": "  "}, "cache_dir .* is set but empty"),
+        ({"PULLTHROUGH_PREFETCH": "sometimes"}, "prefetch"),
+        ({"PULLTHROUGH_PREFETCH_PER_IMAGE": "0"}, "prefetch_per_image"),
+        ({"PULLTHROUGH_PREFETCH_PER_IMAGE": "8", "PULLTHROUGH_PREFETCH_TOTAL": "4"}, "total"),
     ],
 )
 def test_bad_values_are_refused_at_start_up(environ: dict[str, str], message: str) -> None:
@@ -179,3 +182,13 @@ def test_a_wrong_type_in_the_file_names_the_setting(
     config.write_text(line + "\n")
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_settings(config_file=config)
+
+
+def test_read_ahead_is_on_by_default_and_can_be_switched_off() -> None:
+    assert load_settings(environ={}).prefetch is True
+    off = load_settings(environ={"PULLTHROUGH_PREFETCH": "false"})
+    assert off.prefetch is False
+    wider = load_settings(
+        environ={"PULLTHROUGH_PREFETCH_PER_IMAGE": "6", "PULLTHROUGH_PREFETCH_TOTAL": "32"}
+    )
+    assert (wider.prefetch_per_image, wider.prefetch_total) == (6, 32)

@@ -13,15 +13,18 @@ from aiohttp import web
 
 from pullthrough.cache import stores
 from pullthrough.cache.layout import Layout
+from pullthrough.cache.manifests import ManifestStore
 from pullthrough.cache.scrub import Scrubber
 from pullthrough.cache.stores import KnownUpstream
 from pullthrough.metrics import CacheUsage, Metrics
-from pullthrough.proxy import visibility
+from pullthrough.proxy import push_routes, visibility
 from pullthrough.proxy.access import ACCESS, Access, add_token_route, authenticate
 from pullthrough.proxy.config import Settings
 from pullthrough.proxy.errors import oci_errors
 from pullthrough.proxy.forwarded import TRUSTED, forwarded_for, networks
+from pullthrough.proxy.hosted import Hosted
 from pullthrough.proxy.keys import METRICS, MIRRORS, SETTINGS
+from pullthrough.proxy.push_routes import HOSTED_KEY
 from pullthrough.proxy.resources import open_mirrors
 from pullthrough.proxy.routes import (
     add_routes,
@@ -58,6 +61,13 @@ async def _serve_mirrors(app: web.Application) -> AsyncIterator[None]:
             return CacheUsage(*(sum(c[i] for c in counts) for i in range(3)))
 
         metrics.watch_cache(usage)
+        hosted = None
+        if settings.hosted:
+            hosted = _open_hosted(settings)
+            app[HOSTED_KEY] = hosted
+            # Hosted content is the only copy: never evicted for size or age.
+            resources.housekeeper.keep_also = hosted.repos.referenced
+        expirer = None if hosted is None else asyncio.create_task(_expire_uploads(hosted))
         evictor = None
         if resources.housekeeper.limited:
             evictor = asyncio.create_task(resources.housekeeper.run_forever())
@@ -68,12 +78,41 @@ async def _serve_mirrors(app: web.Application) -> AsyncIterator[None]:
             yield
         finally:
             stop_scrub.set()
+            if expirer is not None:
+                expirer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await expirer
             if evictor is not None:
                 evictor.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await evictor
             if scrubber is not None:
                 await asyncio.to_thread(scrubber.join)
+
+
+def _open_hosted(settings: Settings) -> Hosted:
+    """Hosted repositories live in the cache root's store, beside what the
+    default upstream's pulls cached, so that a layer both pushed and pulled is
+    stored once."""
+    layout = Layout(settings.cache_dir.resolve())
+    layout.create()
+    return Hosted(settings, layout, ManifestStore(layout))
+
+
+# How often abandoned upload sessions are looked for.
+EXPIRE_EVERY_SECONDS = 300.0
+
+
+async def _expire_uploads(hosted: Hosted) -> None:
+    while True:
+        try:
+            removed = await asyncio.to_thread(hosted.uploads.expire)
+        except OSError as exc:
+            log.warning("cannot remove expired uploads: %s", exc)
+        else:
+            if removed:
+                log.info("removed %d upload sessions idle beyond upload_expiry", removed)
+        await asyncio.sleep(EXPIRE_EVERY_SECONDS)
 
 
 def _scrub(
@@ -114,7 +153,7 @@ def create_app(
         visibility.install(app)
     app.on_response_prepare.append(count_served_bytes)
     app.on_response_prepare.append(answer_namespace)
-    add_routes(app, service_endpoints=settings.metrics_listen is None)
+    add_routes(app, service_endpoints=settings.metrics_listen is None, handler=push_routes.registry)
     return app
 
 

@@ -1,0 +1,199 @@
+"""Hosted repositories: which blobs, manifests and tags each one holds.
+
+Content lives in the shared content-addressed store (``blobs/``, ``manifests/``);
+a repository only records links to it, so a layer pushed to two repositories,
+or also pulled from the upstream, is stored once::
+
+    <root>/hosted/<repository>/_blobs/<algorithm>/<hex>      pushed or mounted here
+    <root>/hosted/<repository>/_manifests/<algorithm>/<hex>  pushed here
+    <root>/hosted/<repository>/_tags/<tag>                   the digest the tag names
+
+Repository names are checked against the distribution-spec grammar before they
+get here: their components start with a letter or digit, so they cannot climb
+out of the folder nor meet the ``_`` folders.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pullthrough.cache.digests import Digest
+from pullthrough.cache.errors import CacheError, InvalidDigest
+from pullthrough.cache.layout import Layout, write_atomic
+from pullthrough.cache.manifests import StoredManifest
+from pullthrough.cache.mediatypes import MANIFESTS, implied, is_media_type
+
+# distribution's limit for a manifest PUT.
+MAX_MANIFEST_BYTES = 4 << 20
+
+
+class ManifestInvalid(CacheError):
+    """A manifest that is not JSON, or whose media type is missing or contradicts it."""
+
+
+class ManifestBlobUnknown(CacheError):
+    def __init__(self, digest: str) -> None:
+        super().__init__(f"manifest references {digest}, which is not in the repository")
+        self.digest = digest
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """A manifest accepted for a PUT, and what it refers to."""
+
+    manifest: StoredManifest
+    blobs: tuple[Digest, ...]
+    manifests: tuple[Digest, ...]
+    subject: Digest | None
+    artifact_type: str | None
+
+
+def check_manifest(data: bytes, content_type: str) -> Checked:
+    """Parse a pushed manifest: JSON, a media type that agrees with the body, and
+    well-formed descriptors. Whether what it references exists is the caller's."""
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ManifestInvalid(f"manifests are limited to {MAX_MANIFEST_BYTES} bytes")
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise ManifestInvalid("not JSON") from None
+    if not isinstance(doc, dict):
+        raise ManifestInvalid("not a JSON object")
+    declared = doc.get("mediaType")
+    media_type = content_type.split(";")[0].strip() or (
+        declared if isinstance(declared, str) else implied(doc) or ""
+    )
+    if declared is not None and declared != media_type:
+        raise ManifestInvalid(f"mediaType {declared!r} but sent as {media_type!r}")
+    if not is_media_type(media_type) or media_type not in MANIFESTS:
+        raise ManifestInvalid(f"unsupported manifest media type {media_type!r}")
+    if doc.get("schemaVersion") != 2:
+        raise ManifestInvalid("schemaVersion must be 2")
+    blobs: list[Digest] = []
+    children: list[Digest] = []
+    if "manifests" in doc:
+        children = [_descriptor(d) for d in _list(doc, "manifests")]
+    else:
+        blobs = [_descriptor(doc.get("config")), *(_descriptor(d) for d in _list(doc, "layers"))]
+    subject = _descriptor(doc["subject"]) if "subject" in doc else None
+    artifact = doc.get("artifactType")
+    if artifact is None and isinstance(doc.get("config"), dict):
+        artifact = doc["config"].get("mediaType")
+    return Checked(
+        StoredManifest(Digest.of(data), media_type, data),
+        tuple(blobs),
+        tuple(children),
+        subject,
+        artifact if isinstance(artifact, str) else None,
+    )
+
+
+def _list(doc: dict[str, object], key: str) -> list[object]:
+    value = doc.get(key, [])
+    if not isinstance(value, list):
+        raise ManifestInvalid(f"{key} must be a list")
+    return value
+
+
+def _descriptor(raw: object) -> Digest:
+    if not isinstance(raw, dict) or not isinstance(raw.get("digest"), str):
+        raise ManifestInvalid("a descriptor without a digest")
+    if not isinstance(raw.get("size"), int) or raw["size"] < 0:
+        raise ManifestInvalid("a descriptor without a valid size")
+    try:
+        return Digest.parse(raw["digest"])
+    except InvalidDigest as exc:
+        raise ManifestInvalid(str(exc)) from None
+
+
+class HostedRepositories:
+    """The links of every hosted repository (blocking calls: run them off the loop)."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.root = layout.root / "hosted"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _repo(self, repository: str) -> Path:
+        return self.root / repository
+
+    def _link(self, repository: str, kind: str, digest: Digest) -> Path:
+        return self._repo(repository) / f"_{kind}" / digest.algorithm / digest.hex
+
+    def link(self, repository: str, kind: str, digest: Digest) -> None:
+        path = self._link(repository, kind, digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+
+    def has(self, repository: str, kind: str, digest: Digest) -> bool:
+        """Linked here and still in the store."""
+        if not self._link(repository, kind, digest).exists():
+            return False
+        store = self.layout.blob if kind == "blobs" else self.layout.manifest
+        return store(digest).exists()
+
+    def unlink(self, repository: str, kind: str, digest: Digest) -> bool:
+        try:
+            self._link(repository, kind, digest).unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    def tag(self, repository: str, tag: str, digest: Digest) -> None:
+        write_atomic(self._repo(repository) / "_tags" / tag, self.layout.tmp, str(digest).encode())
+
+    def resolve(self, repository: str, tag: str) -> Digest | None:
+        try:
+            text = (self._repo(repository) / "_tags" / tag).read_text()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return Digest.parse(text)
+
+    def untag(self, repository: str, tag: str) -> bool:
+        try:
+            (self._repo(repository) / "_tags" / tag).unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    def tags(self, repository: str) -> list[str] | None:
+        """Sorted tags; None for a repository nobody pushed to."""
+        if not self._repo(repository).is_dir():
+            return None
+        folder = self._repo(repository) / "_tags"
+        return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+    def untag_digest(self, repository: str, digest: Digest) -> None:
+        """Remove every tag naming ``digest`` (its manifest is being deleted)."""
+        for tag in self.tags(repository) or []:
+            if self.resolve(repository, tag) == digest:
+                self.untag(repository, tag)
+
+    def repositories(self) -> list[str]:
+        """Every hosted repository, sorted."""
+        found = []
+        for folder, dirs, _ in os.walk(self.root):
+            if any(d.startswith("_") for d in dirs):
+                found.append(Path(folder).relative_to(self.root).as_posix())
+            dirs[:] = [d for d in dirs if not d.startswith("_")]
+        return sorted(found)
+
+    def manifests(self, repository: str) -> Iterator[Digest]:
+        folder = self._repo(repository) / "_manifests"
+        for algorithm in folder.iterdir() if folder.is_dir() else ():
+            for path in algorithm.iterdir():
+                yield Digest(algorithm.name, path.name)
+
+    def referenced(self) -> set[Digest]:
+        """Every blob and manifest some hosted repository links: never evicted."""
+        keep: set[Digest] = set()
+        for folder, dirs, _ in os.walk(self.root):
+            base = Path(folder)
+            if base.parent.name in ("_blobs", "_manifests"):
+                keep.update(Digest(base.name, p.name) for p in base.iterdir())
+            dirs[:] = [d for d in dirs if d != "_tags"]
+        return keep

@@ -108,6 +108,10 @@ async def _dispatch(request: web.Request, hosted: Hosted, path: str) -> web.Stre
     if method != "GET":
         raise PushUnsupported(f"{method} of referrers")
     artifact = request.query.get("artifactType")
+    if artifact is not None:
+        # A "+" sent unescaped (application/spdx+json) arrives as a space, which
+        # no media type holds.
+        artifact = artifact.replace(" ", "+")
     body = await hosted.referrers(repository, _digest(match["ref"]), artifact)
     headers = dict(API_VERSION)
     if artifact is not None:

@@ -169,3 +169,40 @@ def test_docker_push_list_and_delete_the_seeds_exercise(
         assert deleted.status == 202
         listed = httpclient.request("GET", f"{mirror.url}/v2/myorg/gallery/ui/tags/list")
         assert json.loads(listed.body)["tags"] == []
+
+
+def test_oras_pushes_an_artifact_with_a_subject_found_through_referrers(
+    upstream: Registry, mirror: MirrorProcess, skopeo_cli: Skopeo, tmp_path: Path
+) -> None:
+    oras_provider = pytest.importorskip("oras.provider")
+    oras_oci = pytest.importorskip("oras.oci")
+    image = upstream.images[ALPINE]
+    skopeo_cli.copy(
+        f"docker://{upstream.host}/{image.ref}",
+        f"docker://{host(mirror)}/golden/alpine:3.19",
+        all_images=True,
+    )
+    signature = tmp_path / "signature.txt"
+    signature.write_bytes(b"signed, sealed, delivered\n" * 4096)
+    client = oras_provider.Registry(hostname=host(mirror), insecure=True, auth_backend="basic")
+    subject = oras_oci.Subject(image.top.media_type, image.digest, image.top.size)
+    # Chunked: PATCHes with Content-Range, as oras sends them.
+    response = client.push(
+        target=f"{host(mirror)}/golden/alpine:signature",
+        files=[f"{signature}:application/vnd.example.signature"],
+        subject=subject,
+        do_chunked=True,
+        chunk_size=16384,
+        disable_path_validation=True,
+        quiet=True,
+    )
+    assert response.status_code == 201
+    pushed = response.headers["Docker-Content-Digest"]
+    base = f"{mirror.url}/v2/golden/alpine/referrers/{image.digest}"
+    index = httpclient.request("GET", base).json()
+    assert [m["digest"] for m in index["manifests"]] == [pushed]
+    kind = index["manifests"][0]["artifactType"]
+    filtered = httpclient.request("GET", f"{base}?artifactType={kind}").json()
+    assert [m["digest"] for m in filtered["manifests"]] == [pushed]
+    other = httpclient.request("GET", f"{base}?artifactType=application/x-none").json()
+    assert other["manifests"] == []

@@ -109,22 +109,27 @@ class UploadStore:
                 running = None  # another process wrote too: rehash at commit
                 self._running.pop(upload, None)
             data, _ = self._paths(upload)
-            fd = await asyncio.to_thread(os.open, data, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            # Opened here, not in a thread: a cancellation (the client went away)
+            # while a thread opens it would leak the descriptor.
+            fd = os.open(data, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            batch = bytearray()
             try:
-                batch = bytearray()
                 async for chunk in chunks:
                     if size + len(batch) + len(chunk) > self.max_size:
                         raise UploadTooLarge(self.max_size)
                     batch += chunk
                     if len(batch) >= WRITE_BATCH:
-                        size += await asyncio.to_thread(_write, fd, bytes(batch), running)
-                        batch.clear()
-                if batch:
-                    size += await asyncio.to_thread(_write, fd, bytes(batch), running)
+                        pending = bytes(batch)
+                        batch.clear()  # a failed write must not be written again below
+                        size += await asyncio.to_thread(_write, fd, pending, running)
             finally:
-                os.close(fd)
-            if running is not None:
-                running.offset = size
+                try:
+                    # Also when the client went away midway: what came is kept,
+                    # and the upload resumes from there.
+                    if batch:
+                        size += await asyncio.to_thread(_write, fd, bytes(batch), running)
+                finally:
+                    os.close(fd)
             return size
 
     def commit(self, upload: str, repository: str, digest: Digest) -> int:
@@ -183,9 +188,13 @@ class UploadStore:
 
 
 def _write(fd: int, data: bytes, running: _Running | None) -> int:
-    if running is not None:
-        running.hasher.update(data)
+    """Append ``data``; the running hash takes exactly what reached the file, so
+    it stays true to the file even when a write fails midway."""
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view) :]
+        n = os.write(fd, view)
+        if running is not None:
+            running.hasher.update(view[:n])
+            running.offset += n
+        view = view[n:]
     return len(data)

@@ -161,6 +161,10 @@ class ManifestBlobUnknown(RegistryError):
     code, status, message = "MANIFEST_BLOB_UNKNOWN", 400, "manifest references a blob not here"
 
 
+class StorageFull(RegistryError):
+    code, status, message = "UNAVAILABLE", 507, "no space left for the upload"
+
+
 class PushUnsupported(RegistryError):
     code, status, message = "UNSUPPORTED", 405, "the operation is unsupported"
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import re
 from collections.abc import AsyncIterator
 from urllib.parse import quote
@@ -24,6 +25,7 @@ from pullthrough.proxy.errors import (
     ManifestInvalid,
     PushUnsupported,
     SizeInvalid,
+    StorageFull,
     UploadRangeInvalid,
     from_cache_error,
 )
@@ -80,6 +82,12 @@ async def dispatch(request: web.Request, path: str) -> web.StreamResponse:
         raise DigestInvalid(str(exc)) from None
     except CacheError as exc:
         raise from_cache_error(exc) from None
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # What was received stays in the session: the client may resume once
+        # space is freed.
+        raise StorageFull(str(exc.strerror)) from None
 
 
 async def _dispatch(request: web.Request, hosted: Hosted, path: str) -> web.StreamResponse:

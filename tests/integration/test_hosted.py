@@ -7,7 +7,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import io
 import json
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ from pullthrough.proxy.push_routes import HOSTED_KEY
 from tests.integration.test_tls_access import htpasswd_line
 from tests.support.mirror import settings_for
 from tests.support.registry import Registry
+from tests.support.tmpfs import tmpfs
 
 Client = TestClient[Any, Any]
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -399,3 +403,96 @@ async def test_push_needs_the_push_right(
     assert resp.status == expected, await resp.text()
     if who == "anonymous":
         assert "push" in resp.headers["WWW-Authenticate"]
+
+
+async def test_an_upload_cut_off_midway_resumes_where_its_bytes_end(
+    aiohttp_client: Any, tmp_path: Path, upstream: Registry
+) -> None:
+    client = await hosted_app(aiohttp_client, tmp_path, upstream)
+    data = bytes(range(256)) * 2048  # 512 KiB
+    resp = await client.post("/v2/myorg/cut/blobs/uploads/")
+    location = resp.headers["Location"]
+    # A client whose connection ends after 200 000 of the bytes it announced.
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    head = (
+        f"PATCH {location} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n"
+        f"Content-Range: 0-{len(data) - 1}\r\nContent-Type: application/octet-stream\r\n\r\n"
+    )
+    writer.write(head.encode() + data[:200_000])
+    writer.write_eof()
+    await reader.read()  # the server is done with the connection
+    writer.close()
+    deadline = time.monotonic() + 5
+    while True:  # the handler keeps what came as it unwinds, just after the close
+        status = await client.get(location)
+        assert status.status == 204
+        end = int(status.headers["Range"].split("-")[1]) + 1
+        if end == 200_000 or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.01)
+    assert end == 200_000
+    resp = await client.patch(
+        location, data=data[end:], headers={"Content-Range": f"{end}-{len(data) - 1}"}
+    )
+    assert resp.status == 202
+    resp = await client.put(f"{location}?digest={digest_of(data)}")
+    assert resp.status == 201, await resp.text()
+    assert await (await client.get(f"/v2/myorg/cut/blobs/{digest_of(data)}")).read() == data
+
+
+async def test_eviction_keeps_hosted_content(
+    aiohttp_client: Any, tmp_path: Path, upstream: Registry
+) -> None:
+    client = await hosted_app(aiohttp_client, tmp_path, upstream)
+    image = upstream.images["library/alpine:3.19"]
+    layer = image.layers_of(image.for_platform())[0]
+    resp = await client.get(f"/v2/library/alpine/blobs/{layer.digest}")  # cached from upstream
+    assert await resp.read() == layer.data
+    pushed = b"the only copy" * 10_000
+    await push_blob(client, "myorg/keep", pushed)
+    await client.close()
+    cache = tmp_path / "cache"
+    long_ago = time.time() - 7200
+    files = [p for p in cache.rglob("*") if p.is_file() and ("blobs" in p.parts)]
+    for path in files:
+        os.utime(path, (long_ago, long_ago))
+    cached = cache / "blobs" / "sha256" / layer.digest[7:9] / layer.digest[7:]
+    kept = cache / "blobs" / "sha256" / digest_of(pushed)[7:9] / digest_of(pushed)[7:]
+    assert cached.exists()
+    assert kept.exists()
+    # A cap of one byte: the start-up pass removes all it may.
+    client = await hosted_app(aiohttp_client, tmp_path, upstream, max_size=1)
+    for _ in range(250):
+        if not cached.exists():
+            break
+        await asyncio.sleep(0.02)
+    assert not cached.exists()
+    assert kept.exists()
+    assert await (await client.get(f"/v2/myorg/keep/blobs/{digest_of(pushed)}")).read() == pushed
+
+
+async def test_a_full_disk_answers_507_and_the_upload_resumes(
+    aiohttp_client: Any, tmp_path: Path, upstream: Registry
+) -> None:
+    with tmpfs(tmp_path / "disk", "8m") as disk:
+        settings = settings_for(disk / "cache", upstream.url, hosted=("myorg/",), scrub_rate=0)
+        client: Client = await aiohttp_client(create_app(settings))
+        data = bytes(range(256)) * (24 * 1024)  # 6 MiB
+        ballast = disk / "ballast"
+        ballast.write_bytes(b"\0" * (4 << 20))
+        resp = await client.post("/v2/myorg/full/blobs/uploads/")
+        location = resp.headers["Location"]
+        resp = await client.patch(location, data=io.BytesIO(data))
+        assert resp.status == 507
+        assert await error_code(resp) == "UNAVAILABLE"
+        ballast.unlink()
+        status = await client.get(location)
+        end = int(status.headers["Range"].split("-")[1]) + 1
+        assert 0 < end < len(data)
+        resp = await client.put(
+            f"{location}?digest={digest_of(data)}",
+            data=io.BytesIO(data[end:]),
+            headers={"Content-Range": f"{end}-{len(data) - 1}"},
+        )
+        assert resp.status == 201, await resp.text()
+        await client.close()

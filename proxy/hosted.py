@@ -73,9 +73,11 @@ class Hosted:
     ) -> int:
         return await self.uploads.append(upload, repository, chunks, start)
 
-    async def finish_upload(self, upload: str, repository: str, digest: Digest) -> None:
-        await asyncio.to_thread(self.uploads.commit, upload, repository, digest)
+    async def finish_upload(self, upload: str, repository: str, digest: Digest) -> int:
+        """Commit the upload as ``digest`` and link it here; its size."""
+        size = await asyncio.to_thread(self.uploads.commit, upload, repository, digest)
         await asyncio.to_thread(self.repos.link, repository, "blobs", digest)
+        return size
 
     async def mount(self, repository: str, source: str, digest: Digest) -> bool:
         """Link a blob another hosted repository holds; False when it does not."""

@@ -30,7 +30,7 @@ from pullthrough.proxy.errors import (
     from_cache_error,
 )
 from pullthrough.proxy.hosted import HOSTED, Hosted, page
-from pullthrough.proxy.keys import SOURCE
+from pullthrough.proxy.keys import METRICS, SOURCE
 from pullthrough.proxy.names import Reference
 from pullthrough.proxy.routes import (
     API_VERSION,
@@ -182,6 +182,7 @@ async def _start(request: web.Request, hosted: Hosted, repository: str) -> web.R
         source = names.repository(source, docker_hub_rules=False)
         await authorize_pull(request, HOSTED, source)
         if await hosted.mount(repository, source, digest):
+            request.app[METRICS].pushes.labels("mount").inc()
             return _blob_created(repository, digest)
         # Not mountable: an ordinary upload session, as the spec says.
     upload = hosted.uploads.start(repository)
@@ -189,7 +190,7 @@ async def _start(request: web.Request, hosted: Hosted, repository: str) -> web.R
         digest = _digest(request.query["digest"])
         try:
             await hosted.upload(upload, repository, _body(request), 0)
-            await hosted.finish_upload(upload, repository, digest)
+            _count_blob(request, await hosted.finish_upload(upload, repository, digest))
         except BaseException:
             # A failed monolithic upload leaves no session behind.
             with contextlib.suppress(uploads.UploadUnknown):
@@ -219,9 +220,15 @@ async def _upload(
         digest = _digest(request.query["digest"])
         start = _chunk_start(request) if request.headers.get("Content-Range") else None
         await hosted.upload(upload, repository, _body(request), start)
-        await hosted.finish_upload(upload, repository, digest)
+        _count_blob(request, await hosted.finish_upload(upload, repository, digest))
         return _blob_created(repository, digest)
     raise PushUnsupported(f"{method} of an upload")
+
+
+def _count_blob(request: web.Request, size: int) -> None:
+    metrics = request.app[METRICS]
+    metrics.pushes.labels("blob").inc()
+    metrics.pushed_bytes.inc(size)
 
 
 def _chunk_start(request: web.Request) -> int | None:
@@ -248,6 +255,7 @@ async def _blob(
         if not hosted.delete_enabled:
             raise PushUnsupported("deletes are disabled (delete_enabled)")
         await hosted.delete_blob(repository, digest)
+        request.app[METRICS].pushes.labels("delete").inc()
         return web.Response(status=202, headers=API_VERSION)
     if method not in ("GET", "HEAD"):
         raise PushUnsupported(f"{method} of a blob")
@@ -275,6 +283,7 @@ async def _manifest(
             repository, reference, data, request.headers.get("Content-Type", "")
         )
         digest = checked.manifest.digest
+        request.app[METRICS].pushes.labels("manifest").inc()
         headers = {
             **API_VERSION,
             "Location": f"/v2/{repository}/manifests/{digest}",
@@ -289,6 +298,7 @@ async def _manifest(
         if not hosted.delete_enabled:
             raise PushUnsupported("deletes are disabled (delete_enabled)")
         await hosted.delete_manifest(repository, reference)
+        request.app[METRICS].pushes.labels("delete").inc()
         return web.Response(status=202, headers=API_VERSION)
     if method not in ("GET", "HEAD"):
         raise PushUnsupported(f"{method} of a manifest")

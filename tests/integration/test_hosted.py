@@ -18,6 +18,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from pullthrough.proxy.app import create_app
+from pullthrough.proxy.commands.stats import summarize
 from pullthrough.proxy.config import AccessRule
 from pullthrough.proxy.hosted import Hosted
 from pullthrough.proxy.push_routes import HOSTED_KEY
@@ -109,6 +110,11 @@ async def test_monolithic_push_then_pull_by_tag_and_digest_never_asks_upstream(
     resp = await client.get("/v2/myorg/other/blobs/" + digest_of(layer))
     assert resp.status == 404  # another repository does not hold it
     assert upstream.requests_since(mark) == []
+    text = await (await client.get("/metrics")).text()
+    assert 'pullthrough_pushes_total{kind="blob"} 2.0' in text
+    assert 'pullthrough_pushes_total{kind="manifest"} 1.0' in text
+    assert f"pullthrough_pushed_bytes_total {float(len(config) + len(layer))}" in text
+    assert "pushes        2 blobs" in summarize(text)
 
 
 async def test_chunked_upload_with_status_and_resume_after_a_rejected_chunk(

@@ -7,6 +7,9 @@ or also pulled from the upstream, is stored once::
     <root>/hosted/<repository>/_blobs/<algorithm>/<hex>      pushed or mounted here
     <root>/hosted/<repository>/_manifests/<algorithm>/<hex>  pushed here
     <root>/hosted/<repository>/_tags/<tag>                   the digest the tag names
+    <root>/hosted/gc.lock                                    flock: pushes share it, a
+                                                             garbage collection holds it
+                                                             alone
 
 Repository names are checked against the distribution-spec grammar before they
 get here: their components start with a letter or digit, so they cannot climb
@@ -15,10 +18,13 @@ out of the folder nor meet the ``_`` folders.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pullthrough.cache.digests import Digest
@@ -110,6 +116,15 @@ def _descriptor(raw: object) -> Digest:
         raise ManifestInvalid(str(exc)) from None
 
 
+@dataclass
+class Collection:
+    """What one garbage collection did."""
+
+    unlinked: int = 0  # blob links no manifest of their repository references
+    removed: list[Digest] = field(default_factory=list)  # blob files deleted
+    kept: int = 0  # blobs still linked somewhere
+
+
 class HostedRepositories:
     """The links of every hosted repository (blocking calls: run them off the loop)."""
 
@@ -197,3 +212,68 @@ class HostedRepositories:
                 keep.update(Digest(base.name, p.name) for p in base.iterdir())
             dirs[:] = [d for d in dirs if d != "_tags"]
         return keep
+
+    @contextlib.contextmanager
+    def _locked(self, mode: int) -> Iterator[None]:
+        fd = os.open(self.root / "gc.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, mode)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def pushing(self) -> contextlib.AbstractContextManager[None]:
+        """Held (shared, across processes) around each step of a push that
+        relies on a blob staying: committing an upload and linking it, checking
+        a manifest's references and linking it. A collection waits for them."""
+        return self._locked(fcntl.LOCK_SH)
+
+    def collect(self, grace: float, now: float | None = None) -> Collection:
+        """Unlink every blob no manifest of its repository references, then delete
+        the blob files no repository links any more (blocking).
+
+        A blob linked less than ``grace`` seconds ago is kept: it was just pushed
+        and the manifest naming it may be on its way. Blobs still uploading live
+        under ``uploads/`` and are never seen here.
+        """
+        now = time.time() if now is None else now
+        result = Collection()
+        with self._locked(fcntl.LOCK_EX):
+            candidates: set[Digest] = set()
+            for repository in self.repositories():
+                referenced: set[Digest] = set()
+                for digest in self.manifests(repository):
+                    try:
+                        data = self.layout.manifest(digest).read_bytes()
+                    except FileNotFoundError:
+                        continue
+                    # The store's record: a line with the media type, then the bytes.
+                    media_type, _, body = data.partition(b"\n")
+                    with contextlib.suppress(ManifestInvalid):
+                        referenced.update(check_manifest(body, media_type.decode()).blobs)
+                for digest, path in self._blob_links(repository):
+                    if digest in referenced:
+                        continue
+                    with contextlib.suppress(FileNotFoundError):
+                        if now - path.stat().st_mtime < grace:
+                            continue
+                        path.unlink()
+                        result.unlinked += 1
+                        candidates.add(digest)
+            still = self.referenced()
+            for digest in sorted(candidates, key=str):
+                if digest in still:
+                    result.kept += 1
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    self.layout.blob(digest).unlink()
+                    result.removed.append(digest)
+        return result
+
+    def _blob_links(self, repository: str) -> list[tuple[Digest, Path]]:
+        folder = self._repo(repository) / "_blobs"
+        return [
+            (Digest(algorithm.name, path.name), path)
+            for algorithm in (folder.iterdir() if folder.is_dir() else ())
+            for path in algorithm.iterdir()
+        ]

@@ -104,14 +104,25 @@ EXPIRE_EVERY_SECONDS = 300.0
 
 
 async def _expire_uploads(hosted: Hosted) -> None:
+    """Remove abandoned upload sessions, then the pushed blobs no manifest took
+    within the same time (a push idle that long is abandoned)."""
     while True:
         try:
             removed = await asyncio.to_thread(hosted.uploads.expire)
+            collected = await hosted.collect(grace=hosted.uploads.expiry)
         except OSError as exc:
-            log.warning("cannot remove expired uploads: %s", exc)
+            log.warning("cannot clean up hosted repositories: %s", exc)
         else:
             if removed:
                 log.info("removed %d upload sessions idle beyond upload_expiry", removed)
+            if collected.unlinked:
+                log.info(
+                    "hosted gc: %d blob links no manifest references, %d blobs removed, "
+                    "%d still linked elsewhere",
+                    collected.unlinked,
+                    len(collected.removed),
+                    collected.kept,
+                )
         await asyncio.sleep(EXPIRE_EVERY_SECONDS)
 
 

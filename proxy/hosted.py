@@ -17,6 +17,7 @@ from pullthrough.cache.digests import Digest
 from pullthrough.cache.errors import DigestMismatch
 from pullthrough.cache.hosted import (
     Checked,
+    Collection,
     HostedRepositories,
     ManifestBlobUnknown,
     ManifestInvalid,
@@ -75,18 +76,28 @@ class Hosted:
 
     async def finish_upload(self, upload: str, repository: str, digest: Digest) -> int:
         """Commit the upload as ``digest`` and link it here; its size."""
-        size = await asyncio.to_thread(self.uploads.commit, upload, repository, digest)
-        await asyncio.to_thread(self.repos.link, repository, "blobs", digest)
-        return size
+
+        def commit() -> int:
+            with self.repos.pushing():
+                size = self.uploads.commit(upload, repository, digest)
+                self.repos.link(repository, "blobs", digest)
+                return size
+
+        return await asyncio.to_thread(commit)
 
     async def mount(self, repository: str, source: str, digest: Digest) -> bool:
         """Link a blob another hosted repository holds; False when it does not."""
-        if not self.holds(source) or not await asyncio.to_thread(
-            self.repos.has, source, "blobs", digest
-        ):
+        if not self.holds(source):
             return False
-        await asyncio.to_thread(self.repos.link, repository, "blobs", digest)
-        return True
+
+        def mount() -> bool:
+            with self.repos.pushing():
+                if not self.repos.has(source, "blobs", digest):
+                    return False
+                self.repos.link(repository, "blobs", digest)
+                return True
+
+        return await asyncio.to_thread(mount)
 
     async def blob_size(self, repository: str, digest: Digest) -> int:
         def size() -> int | None:
@@ -111,22 +122,24 @@ class Hosted:
         if reference.digest is not None and reference.digest != digest:
             raise DigestMismatch(str(reference.digest), str(digest))
 
-        def missing() -> str | None:
-            for blob in checked.blobs:
-                if not self.repos.has(repository, "blobs", blob):
-                    return str(blob)
-            for child in checked.manifests:
-                if not self.repos.has(repository, "manifests", child):
-                    return str(child)
-            return None
+        def store() -> None:
+            # Checked and linked under the push lock: a garbage collection
+            # cannot take a blob between the check and the link.
+            with self.repos.pushing():
+                for blob in checked.blobs:
+                    if not self.repos.has(repository, "blobs", blob):
+                        raise ManifestBlobUnknown(str(blob))
+                for child in checked.manifests:
+                    if not self.repos.has(repository, "manifests", child):
+                        raise ManifestBlobUnknown(str(child))
+                # Written, not put: a pushed manifest must be on disk (a full
+                # disk fails the push) since it is the only copy.
+                self.manifests.write(checked.manifest)
+                self.repos.link(repository, "manifests", digest)
+                if reference.tag is not None:
+                    self.repos.tag(repository, reference.tag, digest)
 
-        absent = await asyncio.to_thread(missing)
-        if absent is not None:
-            raise ManifestBlobUnknown(absent)
-        await self.manifests.put(checked.manifest)
-        await asyncio.to_thread(self.repos.link, repository, "manifests", digest)
-        if reference.tag is not None:
-            await asyncio.to_thread(self.repos.tag, repository, reference.tag, digest)
+        await asyncio.to_thread(store)
         return checked
 
     async def manifest(self, repository: str, reference: Reference) -> StoredManifest:
@@ -142,6 +155,10 @@ class Hosted:
         if found is None:
             raise ManifestUnknown(f"{repository}@{digest}")
         return found
+
+    async def collect(self, grace: float) -> Collection:
+        """Remove the blobs no hosted manifest references (see HostedRepositories.collect)."""
+        return await asyncio.to_thread(self.repos.collect, grace)
 
     async def delete_manifest(self, repository: str, reference: Reference) -> None:
         """By digest: the manifest leaves the repository with its tags; by tag: the tag."""

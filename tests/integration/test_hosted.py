@@ -502,3 +502,63 @@ async def test_a_full_disk_answers_507_and_the_upload_resumes(
         )
         assert resp.status == 201, await resp.text()
         await client.close()
+
+
+async def test_gc_while_pushes_run_never_takes_what_a_manifest_needs(
+    aiohttp_client: Any, tmp_path: Path, upstream: Registry
+) -> None:
+    client = await hosted_app(aiohttp_client, tmp_path, upstream, delete_enabled=True)
+    hosted: Hosted = client.app[HOSTED_KEY]
+    shared = [bytes([i]) * 100_000 for i in range(4)]
+    orphan = b"pushed, never used by a manifest"
+    # Old links no manifest references: what a collection may take. The shared
+    # layers among them are pushed again below, concurrently with collections.
+    for layer in (*shared, orphan):
+        await push_blob(client, "myorg/old", layer)
+    long_ago = time.time() - 7200
+    for path in (tmp_path / "cache" / "hosted" / "myorg" / "old" / "_blobs").rglob("*"):
+        os.utime(path, (long_ago, long_ago))
+
+    done = asyncio.Event()
+    passes = []
+
+    async def collect() -> None:
+        while not done.is_set():
+            passes.append(await hosted.collect(grace=30.0))
+            await asyncio.sleep(0)
+
+    async def push(i: int) -> None:
+        for round_ in range(3):
+            own = f"own {i} {round_}".encode()
+            for layer in (*shared, own, b"{}"):
+                await push_blob(client, f"myorg/p{i}", layer)
+            manifest = image_manifest(b"{}", [*shared, own])
+            resp = await push_manifest(client, f"myorg/p{i}", f"r{round_}", manifest)
+            assert resp.status == 201, await resp.text()
+
+    collector = asyncio.create_task(collect())
+    await asyncio.gather(*(push(i) for i in range(6)))
+    done.set()
+    await collector
+    assert passes
+    for i in range(6):
+        for layer in shared:
+            resp = await client.get(f"/v2/myorg/p{i}/blobs/{digest_of(layer)}")
+            assert await resp.read() == layer
+    removed = {str(d) for p in passes for d in p.removed}
+    # The orphan goes; a shared layer only if a pass came before any push
+    # linked it again (then it was pushed anew, and is served above).
+    assert digest_of(orphan) in removed
+    assert removed <= {digest_of(layer) for layer in (*shared, orphan)}
+    # Deleting the manifests of one repository frees what only they used.
+    for round_ in range(3):
+        resp = await client.get(f"/v2/myorg/p0/manifests/r{round_}")
+        digest = resp.headers["Docker-Content-Digest"]
+        assert (await client.delete(f"/v2/myorg/p0/manifests/{digest}")).status == 202
+    result = await hosted.collect(grace=0.0)
+    assert {str(d) for d in result.removed} == {digest_of(f"own 0 {r}".encode()) for r in range(3)}
+    assert result.kept >= len(shared) + 1  # still used by the other repositories
+    print(
+        f"gc during pushes: {len(passes)} passes removed {len(removed)} blob(s); "
+        f"after deletes: removed {len(result.removed)}, kept {result.kept}"
+    )

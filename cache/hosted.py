@@ -228,13 +228,16 @@ class HostedRepositories:
         a manifest's references and linking it. A collection waits for them."""
         return self._locked(fcntl.LOCK_SH)
 
-    def collect(self, grace: float, now: float | None = None) -> Collection:
+    def collect(
+        self, grace: float, *, protected: frozenset[Digest] = frozenset(), now: float | None = None
+    ) -> Collection:
         """Unlink every blob no manifest of its repository references, then delete
         the blob files no repository links any more (blocking).
 
         A blob linked less than ``grace`` seconds ago is kept: it was just pushed
         and the manifest naming it may be on its way. Blobs still uploading live
-        under ``uploads/`` and are never seen here.
+        under ``uploads/`` and are never seen here. ``protected`` blobs (a pinned
+        image's, which may share a pushed layer) lose their links, never their file.
         """
         now = time.time() if now is None else now
         result = Collection()
@@ -262,7 +265,7 @@ class HostedRepositories:
                         candidates.add(digest)
             still = self.referenced()
             for digest in sorted(candidates, key=str):
-                if digest in still:
+                if digest in still or digest in protected:
                     result.kept += 1
                     continue
                 with contextlib.suppress(FileNotFoundError):

@@ -7,11 +7,12 @@ import contextlib
 import logging
 import secrets
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
 from pullthrough.cache import stores
+from pullthrough.cache.digests import Digest
 from pullthrough.cache.layout import Layout
 from pullthrough.cache.manifests import ManifestStore
 from pullthrough.cache.scrub import Scrubber
@@ -67,7 +68,11 @@ async def _serve_mirrors(app: web.Application) -> AsyncIterator[None]:
             app[HOSTED_KEY] = hosted
             # Hosted content is the only copy: never evicted for size or age.
             resources.housekeeper.keep_also = hosted.repos.referenced
-        expirer = None if hosted is None else asyncio.create_task(_expire_uploads(hosted))
+        expirer = (
+            None
+            if hosted is None
+            else asyncio.create_task(_expire_uploads(hosted, resources.images.protected))
+        )
         evictor = None
         if resources.housekeeper.limited:
             evictor = asyncio.create_task(resources.housekeeper.run_forever())
@@ -103,13 +108,14 @@ def _open_hosted(settings: Settings) -> Hosted:
 EXPIRE_EVERY_SECONDS = 300.0
 
 
-async def _expire_uploads(hosted: Hosted) -> None:
+async def _expire_uploads(hosted: Hosted, pinned: Callable[[], set[Digest]]) -> None:
     """Remove abandoned upload sessions, then the pushed blobs no manifest took
     within the same time (a push idle that long is abandoned)."""
     while True:
         try:
             removed = await asyncio.to_thread(hosted.uploads.expire)
-            collected = await hosted.collect(grace=hosted.uploads.expiry)
+            keep = frozenset(await asyncio.to_thread(pinned))
+            collected = await hosted.collect(hosted.uploads.expiry, keep)
         except OSError as exc:
             log.warning("cannot clean up hosted repositories: %s", exc)
         else:

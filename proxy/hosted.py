@@ -156,9 +156,9 @@ class Hosted:
             raise ManifestUnknown(f"{repository}@{digest}")
         return found
 
-    async def collect(self, grace: float) -> Collection:
+    async def collect(self, grace: float, protected: frozenset[Digest] = frozenset()) -> Collection:
         """Remove the blobs no hosted manifest references (see HostedRepositories.collect)."""
-        return await asyncio.to_thread(self.repos.collect, grace)
+        return await asyncio.to_thread(self.repos.collect, grace, protected=protected)
 
     async def delete_manifest(self, repository: str, reference: Reference) -> None:
         """By digest: the manifest leaves the repository with its tags; by tag: the tag."""

@@ -199,6 +199,18 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.pushes = Counter(
+            "pullthrough_pushes",
+            "What clients pushed to hosted repositories, by kind (blob, mount, manifest, delete)",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.pushed_bytes = Counter(
+            "pullthrough_pushed_bytes",
+            "Bytes of blobs uploaded to hosted repositories (mounts not counted)",
+            registry=self.registry,
+        )
+
     def watch_cache(self, measure: Callable[[], CacheUsage]) -> None:
         """Report the cache's size, measured by ``measure`` when scraped."""
         self._cache_collector = _CacheCollector(measure)

@@ -22,6 +22,7 @@ import binascii
 import collections
 import fnmatch
 import hmac
+import ipaddress
 import logging
 import secrets
 import time
@@ -280,6 +281,12 @@ class Rights:
             return ANONYMOUS in allowed
         return user in allowed or EVERY_USER in allowed
 
+    def may_push(self, user: str | None, upstream: str, repository: str) -> bool:
+        allowed = self.rule(upstream, repository).push
+        if user is None:
+            return ANONYMOUS in allowed
+        return user in allowed or EVERY_USER in allowed
+
     def users_named(self) -> set[str]:
         named = {u for r in self.rules for u in (*r.pull, *r.push)}
         return named - {ANONYMOUS, EVERY_USER}
@@ -399,3 +406,32 @@ async def authorize_pull(
     # repositories: the upstream must say this public one holds it.
     if ":" in reference and not await visibility.holds(upstream, repository, kind, reference):
         raise Unauthorized(what)
+
+
+async def authorize_push(
+    request: web.Request, upstream: str, repository: str, *, open_push: bool
+) -> None:
+    """Refuse a push (upload, manifest PUT, DELETE) the client may not make: with
+    users, the ``push`` list of the first matching rule decides (401 anonymous,
+    403 a user without the right); without users, only loopback clients push
+    unless ``open_push`` is set."""
+    access = request.app.get(ACCESS)
+    what = {"repository": repository, "action": "push"}
+    if access is None:
+        if open_push or _loopback(client_address(request)):
+            return
+        raise Denied({**what, "reason": "pushes are only taken from loopback without users"})
+    user = request.get(USER)
+    request[SCOPE] = f"repository:{repository}:pull,push"
+    if access.rights.may_push(user, upstream, repository):
+        return
+    if user is None:
+        raise Unauthorized(what)
+    raise Denied(what)
+
+
+def _loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False

@@ -7,21 +7,25 @@ import contextlib
 import logging
 import secrets
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
 from pullthrough.cache import stores
+from pullthrough.cache.digests import Digest
 from pullthrough.cache.layout import Layout
+from pullthrough.cache.manifests import ManifestStore
 from pullthrough.cache.scrub import Scrubber
 from pullthrough.cache.stores import KnownUpstream
 from pullthrough.metrics import CacheUsage, Metrics
-from pullthrough.proxy import visibility
+from pullthrough.proxy import push_routes, visibility
 from pullthrough.proxy.access import ACCESS, Access, add_token_route, authenticate
 from pullthrough.proxy.config import Settings
 from pullthrough.proxy.errors import oci_errors
 from pullthrough.proxy.forwarded import TRUSTED, forwarded_for, networks
+from pullthrough.proxy.hosted import Hosted
 from pullthrough.proxy.keys import METRICS, MIRRORS, SETTINGS
+from pullthrough.proxy.push_routes import HOSTED_KEY
 from pullthrough.proxy.resources import open_mirrors
 from pullthrough.proxy.routes import (
     add_routes,
@@ -58,6 +62,17 @@ async def _serve_mirrors(app: web.Application) -> AsyncIterator[None]:
             return CacheUsage(*(sum(c[i] for c in counts) for i in range(3)))
 
         metrics.watch_cache(usage)
+        hosted = None
+        if settings.hosted:
+            hosted = _open_hosted(settings)
+            app[HOSTED_KEY] = hosted
+            # Hosted content is the only copy: never evicted for size or age.
+            resources.housekeeper.keep_also = hosted.repos.referenced
+        expirer = (
+            None
+            if hosted is None
+            else asyncio.create_task(_expire_uploads(hosted, resources.images.protected))
+        )
         evictor = None
         if resources.housekeeper.limited:
             evictor = asyncio.create_task(resources.housekeeper.run_forever())
@@ -68,12 +83,53 @@ async def _serve_mirrors(app: web.Application) -> AsyncIterator[None]:
             yield
         finally:
             stop_scrub.set()
+            if expirer is not None:
+                expirer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await expirer
             if evictor is not None:
                 evictor.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await evictor
             if scrubber is not None:
                 await asyncio.to_thread(scrubber.join)
+
+
+def _open_hosted(settings: Settings) -> Hosted:
+    """Hosted repositories live in the cache root's store, beside what the
+    default upstream's pulls cached, so that a layer both pushed and pulled is
+    stored once."""
+    layout = Layout(settings.cache_dir.resolve())
+    layout.create()
+    return Hosted(settings, layout, ManifestStore(layout))
+
+
+# How often abandoned upload sessions are looked for.
+EXPIRE_EVERY_SECONDS = 300.0
+
+
+async def _expire_uploads(hosted: Hosted, pinned: Callable[[], set[Digest]]) -> None:
+    """Remove abandoned upload sessions, then the pushed blobs no manifest took
+    within the same time (a push idle that long is abandoned)."""
+    while True:
+        try:
+            removed = await asyncio.to_thread(hosted.uploads.expire)
+            keep = frozenset(await asyncio.to_thread(pinned))
+            collected = await hosted.collect(hosted.uploads.expiry, keep)
+        except OSError as exc:
+            log.warning("cannot clean up hosted repositories: %s", exc)
+        else:
+            if removed:
+                log.info("removed %d upload sessions idle beyond upload_expiry", removed)
+            if collected.unlinked:
+                log.info(
+                    "hosted gc: %d blob links no manifest references, %d blobs removed, "
+                    "%d still linked elsewhere",
+                    collected.unlinked,
+                    len(collected.removed),
+                    collected.kept,
+                )
+        await asyncio.sleep(EXPIRE_EVERY_SECONDS)
 
 
 def _scrub(
@@ -114,7 +170,7 @@ def create_app(
         visibility.install(app)
     app.on_response_prepare.append(count_served_bytes)
     app.on_response_prepare.append(answer_namespace)
-    add_routes(app, service_endpoints=settings.metrics_listen is None)
+    add_routes(app, service_endpoints=settings.metrics_listen is None, handler=push_routes.registry)
     return app
 
 

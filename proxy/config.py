@@ -337,6 +337,18 @@ class Settings:
     metrics_listen: str | None = None
     # Addresses (CIDRs) of proxies whose X-Forwarded-For names the client.
     trusted_proxies: tuple[str, ...] = ()
+    # Repository name prefixes ("myorg/", "golden/") that live only in the
+    # mirror: pushed to it, pulled from it, never asked of an upstream.
+    hosted: tuple[str, ...] = ()
+    # Without users (htpasswd), pushes are taken from loopback clients only;
+    # true takes them from anyone who reaches the mirror.
+    open_push: bool = False
+    # DELETE of hosted manifests, tags and blobs (off by default, as distribution).
+    delete_enabled: bool = False
+    # Largest blob one upload may bring ("10GiB" or bytes).
+    max_upload_size: int = 10 << 30
+    # Seconds an upload session may sit idle before it and its bytes are removed.
+    upload_expiry: float = 3600.0
 
     def __post_init__(self) -> None:
         _check_host(self.host)
@@ -388,6 +400,11 @@ class Settings:
             raise ConfigError(
                 f"max_request_head must be 1024-1048576 bytes, not {self.max_request_head}"
             )
+        for prefix in self.hosted:
+            if not re.fullmatch(r"[a-z0-9][a-z0-9._/-]*", prefix):
+                raise ConfigError(f"hosted: {prefix!r} is not a repository name prefix")
+        if self.max_upload_size <= 0 or self.upload_expiry <= 0:
+            raise ConfigError("max_upload_size and upload_expiry must be positive")
         if not 0 < self.keepalive_timeout <= 3600:
             raise ConfigError(
                 f"keepalive_timeout must be 0-3600 seconds, not {self.keepalive_timeout}"
@@ -451,6 +468,11 @@ def _convert(name: str, value: Any, where: str, *, from_file: bool = False) -> A
 
     if value is None:
         return None
+    if name == "max_upload_size":
+        try:
+            return parse_size(_typed(value, str | int | float))
+        except (TypeError, ValueError):
+            raise wrong("a size (10GiB, 500MB or bytes)") from None
     if name in ("scrub_rate", "upstream_min_rate"):  # bytes a second: "20MiB" or "20MiB/s"
         try:
             size = _typed(value, str | int | float)
@@ -495,7 +517,7 @@ def _convert(name: str, value: Any, where: str, *, from_file: bool = False) -> A
             return parse_size(_typed(value, str | int | float))
         except (TypeError, ValueError):
             raise wrong("a size (50GiB, 500MB or bytes)") from None
-    if name in ("pinned", "redirect_allow", "trusted_proxies"):
+    if name in ("pinned", "redirect_allow", "trusted_proxies", "hosted"):
         if text:
             items = value.split(",")
         elif isinstance(value, list | tuple) and all(isinstance(i, str) for i in value):

@@ -137,6 +137,38 @@ class RedirectFailed(UpstreamUnavailable):
     status, message = 502, "upstream redirect target failed"
 
 
+class BlobUploadUnknown(RegistryError):
+    code, status, message = "BLOB_UPLOAD_UNKNOWN", 404, "blob upload unknown to registry"
+
+
+class BlobUploadInvalid(RegistryError):
+    code, status, message = "BLOB_UPLOAD_INVALID", 400, "blob upload invalid"
+
+
+class UploadRangeInvalid(BlobUploadInvalid):
+    status, message = 416, "chunk does not start where the upload ends"
+
+
+class SizeInvalid(RegistryError):
+    code, status, message = "SIZE_INVALID", 413, "content exceeds the size limit"
+
+
+class ManifestInvalid(RegistryError):
+    code, status, message = "MANIFEST_INVALID", 400, "manifest invalid"
+
+
+class ManifestBlobUnknown(RegistryError):
+    code, status, message = "MANIFEST_BLOB_UNKNOWN", 400, "manifest references a blob not here"
+
+
+class StorageFull(RegistryError):
+    code, status, message = "UNAVAILABLE", 507, "no space left for the upload"
+
+
+class PushUnsupported(RegistryError):
+    code, status, message = "UNSUPPORTED", 405, "the operation is unsupported"
+
+
 def from_cache_error(exc: CacheError) -> RegistryError:
     if isinstance(exc, UnsupportedDigest | InvalidDigest):
         return DigestInvalid(str(exc))

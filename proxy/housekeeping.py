@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
+from pullthrough.cache.digests import Digest
 from pullthrough.cache.evict import Eviction, evict
 from pullthrough.metrics import Metrics
 from pullthrough.proxy.config import Settings
@@ -25,6 +27,8 @@ class Housekeeper:
         self.images = images  # the stores to keep in bounds, and what pins protect
         self.metrics = metrics
         self._wake = asyncio.Event()
+        # More digests never to evict (the hosted repositories' content).
+        self.keep_also: Callable[[], set[Digest]] = set
 
     @property
     def limited(self) -> bool:
@@ -37,7 +41,7 @@ class Housekeeper:
             self.images.distinct_layouts(),
             max_size=self.settings.max_size,
             max_age_seconds=None if max_age is None else max_age * DAY,
-            protected=self.images.protected(),
+            protected=self.images.protected() | self.keep_also(),
             dry_run=dry_run,
             free_bytes=free_bytes,
         )

@@ -11,6 +11,7 @@ from typing import IO, Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.typedefs import Handler
 
 from pullthrough.cache.digests import Digest
 from pullthrough.cache.errors import InvalidDigest, UnsupportedDigest
@@ -354,14 +355,17 @@ async def readyz(request: web.Request) -> web.Response:
 _CACHE_STATES = ("writable", "full", "not writable")
 
 
-def add_routes(app: web.Application, *, service_endpoints: bool = True) -> None:
-    """The registry API; and /metrics, /readyz, /healthz unless they have their
-    own listener (``metrics_listen``)."""
+def add_routes(
+    app: web.Application, *, service_endpoints: bool = True, handler: Handler = registry
+) -> None:
+    """The registry API (``handler`` answers ``/v2/<path>``: the hosted
+    repositories put theirs in front); and /metrics, /readyz, /healthz unless
+    they have their own listener (``metrics_listen``)."""
     if service_endpoints:
         add_service_routes(app)
     app.router.add_get("/v2/", ping)
     app.router.add_get("/v2", ping)
-    app.router.add_route("*", "/v2/{path:.+}", registry)
+    app.router.add_route("*", "/v2/{path:.+}", handler)
 
 
 def add_service_routes(app: web.Application) -> None:

@@ -89,6 +89,13 @@ def summarize(text: str) -> str:
         f"{total('pullthrough_cache_objects', kind='blob'):.0f} blobs, "
         f"{total('pullthrough_cache_objects', kind='manifest'):.0f} manifests"
     )
+    pushes = {k: total("pullthrough_pushes_total", kind=k) for k in ("blob", "mount", "manifest")}
+    if sum(pushes.values()):
+        lines.append(
+            f"pushes        {pushes['blob']:.0f} blobs "
+            f"({human(total('pullthrough_pushed_bytes_total'))}), {pushes['mount']:.0f} mounts, "
+            f"{pushes['manifest']:.0f} manifests"
+        )
     lines.append(
         f"in flight     {total('pullthrough_downloads_in_flight'):.0f} downloads, "
         f"{total('pullthrough_coalesced_requests_total'):.0f} requests coalesced so far"

@@ -81,8 +81,12 @@ class Housekeeper:
 
     async def run_forever(self) -> None:
         while True:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a
+            # cancellation that arrives as the event is set (a commit poking
+            # at shutdown), and the loop would then never stop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), EVICT_EVERY_SECONDS)
+                async with asyncio.timeout(EVICT_EVERY_SECONDS):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 await asyncio.to_thread(self.run_once)

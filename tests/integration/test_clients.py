@@ -475,54 +475,65 @@ def test_podman_pulls_through_the_mirror(
 # ------------------------------------------------------------------------ dockerd
 
 
+def start_dockerd(
+    stack: contextlib.ExitStack,
+    dockerd: str,
+    short: Path,
+    tmp_path: Path,
+    settings: dict[str, Any] | None = None,
+) -> dict[str, str]:
+    """dockerd isolated from the machine (its own root under ``short``, vfs, no
+    networking, our containerd), with ``settings`` added to its daemon.json;
+    returns the environment a docker CLI talks to it with."""
+    root = short / "docker"
+    root.mkdir(parents=True)
+    sock = root / "d.sock"
+    stack.callback(remove_if_new(DOCKER_PLUGIN_DIRS))
+    # dockerd's own containerd would write /opt/containerd: give it ours.
+    containerd_sock = start_containerd(stack, short / "containerd", tmp_path / "containerd.log")
+    config = {
+        **(settings or {}),
+        "storage-driver": "vfs",
+        "iptables": False,
+        "ip6tables": False,
+        "ip-masq": False,
+        "bridge": "none",
+        "data-root": str(root / "data"),
+        "exec-root": str(root / "exec"),
+        "pidfile": str(root / "docker.pid"),
+        "hosts": [f"unix://{sock}"],
+        "exec-opts": ["native.cgroupdriver=cgroupfs"],
+        "containerd": str(containerd_sock),
+        "deprecated-key-path": str(root / "key.json"),  # not /etc/docker/key.json
+    }
+    (root / "daemon.json").write_text(json.dumps(config, indent=2))
+    daemon = stack.enter_context(
+        Daemon(
+            "dockerd",
+            [dockerd, "--config-file", root / "daemon.json"],
+            tmp_path / "dockerd.log",
+            base_env(root / "home"),
+        )
+    )
+    daemon.wait_until(lambda: unix_http_ok(sock, "/_ping"), f"API on {sock}")
+    return {
+        **base_env(tmp_path / "home"),
+        "DOCKER_HOST": f"unix://{sock}",
+        "DOCKER_CONFIG": str(tmp_path / "docker-cli"),
+    }
+
+
 def test_dockerd_pulls_through_the_mirror(
     upstream: Registry, mirror: MirrorProcess, short_dir: Path, tmp_path: Path
 ) -> None:
     dockerd = require_binary("dockerd")
     docker = require_binary("docker")
     require_root("dockerd")
-    root = short_dir / "docker"
-    root.mkdir()
-    sock = root / "d.sock"
     # What users type, and the seeded image each one means.
     pulls = {"alpine:3.19": ALPINE, "hello": HELLO, "ociapp:v1": OCIAPP}
 
     with contextlib.ExitStack() as stack:
-        stack.callback(remove_if_new(DOCKER_PLUGIN_DIRS))
-        # dockerd's own containerd would write /opt/containerd: give it ours.
-        containerd_sock = start_containerd(
-            stack, short_dir / "containerd", tmp_path / "containerd.log"
-        )
-        config = {
-            "registry-mirrors": [mirror.url],
-            "storage-driver": "vfs",
-            "iptables": False,
-            "ip6tables": False,
-            "ip-masq": False,
-            "bridge": "none",
-            "data-root": str(root / "data"),
-            "exec-root": str(root / "exec"),
-            "pidfile": str(root / "docker.pid"),
-            "hosts": [f"unix://{sock}"],
-            "exec-opts": ["native.cgroupdriver=cgroupfs"],
-            "containerd": str(containerd_sock),
-            "deprecated-key-path": str(root / "key.json"),  # not /etc/docker/key.json
-        }
-        (root / "daemon.json").write_text(json.dumps(config, indent=2))
-        daemon = stack.enter_context(
-            Daemon(
-                "dockerd",
-                [dockerd, "--config-file", root / "daemon.json"],
-                tmp_path / "dockerd.log",
-                base_env(root / "home"),
-            )
-        )
-        daemon.wait_until(lambda: unix_http_ok(sock, "/_ping"), f"API on {sock}")
-        env = {
-            **base_env(tmp_path / "home"),
-            "DOCKER_HOST": f"unix://{sock}",
-            "DOCKER_CONFIG": str(tmp_path / "docker-cli"),
-        }
+        env = start_dockerd(stack, dockerd, short_dir, tmp_path, {"registry-mirrors": [mirror.url]})
 
         def pull(name: str) -> None:
             run([docker, "pull", "--quiet", "--platform", PLATFORM, name], env)

@@ -13,16 +13,11 @@ import pytest
 from tests.integration import test_clients
 from tests.integration.test_clients import (
     ALPINE,
-    DOCKER_PLUGIN_DIRS,
     PLATFORM,
-    Daemon,
-    base_env,
     podman_sandbox,
-    remove_if_new,
     require_root,
     run,
-    start_containerd,
-    unix_http_ok,
+    start_dockerd,
 )
 from tests.support import httpclient
 from tests.support.binaries import require_binary
@@ -104,44 +99,8 @@ def test_docker_push_list_and_delete_the_seeds_exercise(
     docker = require_binary("docker")
     require_root("dockerd")
     image = upstream.images[ALPINE]
-    root = short_dir / "docker"
-    root.mkdir()
-    sock = root / "d.sock"
     with contextlib.ExitStack() as stack:
-        stack.callback(remove_if_new(DOCKER_PLUGIN_DIRS))
-        containerd_sock = start_containerd(
-            stack, short_dir / "containerd", tmp_path / "containerd.log"
-        )
-        config = {
-            "registry-mirrors": [mirror.url],
-            "storage-driver": "vfs",
-            "iptables": False,
-            "ip6tables": False,
-            "ip-masq": False,
-            "bridge": "none",
-            "data-root": str(root / "data"),
-            "exec-root": str(root / "exec"),
-            "pidfile": str(root / "docker.pid"),
-            "hosts": [f"unix://{sock}"],
-            "exec-opts": ["native.cgroupdriver=cgroupfs"],
-            "containerd": str(containerd_sock),
-            "deprecated-key-path": str(root / "key.json"),
-        }
-        (root / "daemon.json").write_text(json.dumps(config, indent=2))
-        daemon = stack.enter_context(
-            Daemon(
-                "dockerd",
-                [dockerd, "--config-file", root / "daemon.json"],
-                tmp_path / "dockerd.log",
-                base_env(root / "home"),
-            )
-        )
-        daemon.wait_until(lambda: unix_http_ok(sock, "/_ping"), f"API on {sock}")
-        env = {
-            **base_env(tmp_path / "home"),
-            "DOCKER_HOST": f"unix://{sock}",
-            "DOCKER_CONFIG": str(tmp_path / "docker-cli"),
-        }
+        env = start_dockerd(stack, dockerd, short_dir, tmp_path, {"registry-mirrors": [mirror.url]})
         run([docker, "pull", "--quiet", "--platform", PLATFORM, "alpine:3.19"], env)
         # The seeds' exercise: tag for the local registry, push every tag, list, delete.
         tags = ("v1", "v2")

@@ -30,18 +30,15 @@ import pytest
 from cryptography import x509
 
 from tests.integration.test_clients import (
-    DOCKER_PLUGIN_DIRS,
     PLATFORM,
-    Daemon,
     base_env,
     config_digest,
     mounts_under,
     podman_sandbox,
-    remove_if_new,
     require_root,
     run,
     start_containerd,
-    unix_http_ok,
+    start_dockerd,
 )
 from tests.support.binaries import require_binary
 from tests.support.images import BIG, HELLO, SECRET
@@ -439,46 +436,11 @@ def test_docker_login_then_pull_over_https_with_certs_d(
     if certs.exists():
         pytest.skip(f"{certs} exists already; not touching it")
     short = Path(f"/tmp/pt-docker-{os.getpid()}-{secure.mirror.port}")
-    root = short / "docker"
-    root.mkdir(parents=True)
-    sock = root / "d.sock"
     certs.mkdir(parents=True)
     try:
         shutil.copy(secure.ca.cert_path, certs / "ca.crt")
         with contextlib.ExitStack() as stack:
-            stack.callback(remove_if_new(DOCKER_PLUGIN_DIRS))
-            containerd_sock = start_containerd(
-                stack, short / "containerd", tmp_path / "containerd.log"
-            )
-            config = {
-                "storage-driver": "vfs",
-                "iptables": False,
-                "ip6tables": False,
-                "ip-masq": False,
-                "bridge": "none",
-                "data-root": str(root / "data"),
-                "exec-root": str(root / "exec"),
-                "pidfile": str(root / "docker.pid"),
-                "hosts": [f"unix://{sock}"],
-                "exec-opts": ["native.cgroupdriver=cgroupfs"],
-                "containerd": str(containerd_sock),
-                "deprecated-key-path": str(root / "key.json"),
-            }
-            (root / "daemon.json").write_text(json.dumps(config))
-            daemon = stack.enter_context(
-                Daemon(
-                    "dockerd",
-                    [dockerd, "--config-file", root / "daemon.json"],
-                    tmp_path / "dockerd.log",
-                    base_env(root / "home"),
-                )
-            )
-            daemon.wait_until(lambda: unix_http_ok(sock, "/_ping"), f"API on {sock}")
-            env = {
-                **base_env(tmp_path / "home"),
-                "DOCKER_HOST": f"unix://{sock}",
-                "DOCKER_CONFIG": str(tmp_path / "docker-cli"),
-            }
+            env = start_dockerd(stack, dockerd, short, tmp_path)
             secret, hello = upstream.images[SECRET], upstream.images[HELLO]
             # Anonymous: public content yes (with an anonymous token), private no.
             public = f"{secure.host}/library/hello:latest"

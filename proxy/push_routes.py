@@ -36,6 +36,7 @@ from pullthrough.proxy.routes import (
     API_VERSION,
     MAX_TAGS_PAGE,
     SentFileResponse,
+    blob_headers,
     bounded_number,
     manifest_reference,
 )
@@ -260,12 +261,7 @@ async def _blob(
     if method not in ("GET", "HEAD"):
         raise PushUnsupported(f"{method} of a blob")
     size = await hosted.blob_size(repository, digest)
-    headers = {
-        **API_VERSION,
-        "Content-Type": "application/octet-stream",
-        "Docker-Content-Digest": str(digest),
-        "Accept-Ranges": "bytes",
-    }
+    headers = blob_headers(digest)
     if method == "HEAD":
         headers["Content-Length"] = str(size)
         return web.Response(headers=headers)

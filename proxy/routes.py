@@ -181,7 +181,7 @@ def _manifest_headers(answer: ManifestAnswer) -> dict[str, str]:
     }
 
 
-def _blob_headers(digest: Digest) -> dict[str, str]:
+def blob_headers(digest: Digest) -> dict[str, str]:
     return {
         **API_VERSION,
         "Content-Type": "application/octet-stream",
@@ -196,7 +196,7 @@ async def blob(
     if request.method == "HEAD":
         head = await mirror.blob_head(repository, digest)
         request[SOURCE] = head.source
-        headers = _blob_headers(digest)
+        headers = blob_headers(digest)
         if head.size is not None:
             headers["Content-Length"] = str(head.size)
         return web.Response(headers=headers)
@@ -211,7 +211,7 @@ async def blob(
             except RangeInvalid:
                 answer.close()
                 raise
-        return _HeldFileResponse(answer, headers=_blob_headers(digest))
+        return _HeldFileResponse(answer, headers=blob_headers(digest))
     request[SOURCE] = "prefetched" if answer.prefetched else "upstream"
     try:
         return await _stream(request, digest, answer)
@@ -268,7 +268,7 @@ class _HeldFileResponse(SentFileResponse):
 async def _stream(request: web.Request, digest: Digest, blob: BlobStream) -> web.StreamResponse:
     """Send a blob while it downloads; a failed download ends the response short."""
     start, stop = 0, blob.size
-    response = web.StreamResponse(headers=_blob_headers(digest))
+    response = web.StreamResponse(headers=blob_headers(digest))
     if blob.size is not None and request.headers.get("Range"):
         start, stop = _byte_range(request, blob.size)
         response.set_status(206)

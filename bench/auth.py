@@ -27,11 +27,9 @@ from pathlib import Path
 
 import bcrypt
 
-from bench.run import ACCEPT, SERVER_CORE, MiB, machine, pin, seed, wrk
+from bench.run import ACCEPT, SERVER_CORE, MiB, machine, pin, seed, start_upstream, wrk
 from tests.support.mirror import MirrorProcess
 from tests.support.pki import LocalCA
-from tests.support.registry import Registry
-from tests.support.tokenserver import TokenServer
 
 USER, PASSWORD = "bench", "bench-password"
 # htpasswd -B's default cost; what an operator's file holds.
@@ -57,12 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, float] = {}
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="pt-bench-auth-") as tmp:
         work = Path(tmp)
-        tokens = TokenServer(workdir=work / "tokens")
-        tokens.start()
-        stack.callback(tokens.close)
-        upstream = Registry(work / "upstream", tokens=tokens)
-        upstream.start()
-        stack.callback(upstream.stop)
+        upstream = start_upstream(stack, work)
         print("seeding the upstream...", flush=True)
         seeded = seed(upstream, work, big_size, 1)
         ca = LocalCA(work / "ca")

@@ -326,6 +326,18 @@ def machine() -> dict[str, Any]:
 # -- the run ---------------------------------------------------------------------------
 
 
+def start_upstream(stack: ExitStack, work: Path) -> Registry:
+    """The upstream every benchmark pulls from: distribution 2.8 behind a
+    Docker-Hub-style token server, both stopped when ``stack`` closes."""
+    tokens = TokenServer(workdir=work / "tokens")
+    tokens.start()
+    stack.callback(tokens.close)
+    upstream = Registry(work / "upstream", tokens=tokens)
+    upstream.start()
+    stack.callback(upstream.stop)
+    return upstream
+
+
 def run(args: argparse.Namespace) -> Results:
     results = Results(machine=machine())
     big_size = (256 if args.quick else 1024) * MiB
@@ -333,12 +345,7 @@ def run(args: argparse.Namespace) -> Results:
     reps = 3
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="pt-bench-") as tmp:
         work = Path(tmp)
-        tokens = TokenServer(workdir=work / "tokens")
-        tokens.start()
-        stack.callback(tokens.close)
-        upstream = Registry(work / "upstream", tokens=tokens)
-        upstream.start()
-        stack.callback(upstream.stop)
+        upstream = start_upstream(stack, work)
         print("seeding the upstream...", flush=True)
         seeded = seed(upstream, work, big_size, 20 if args.quick else 200)
         results.machine["big_blob_bytes"] = seeded.big_size

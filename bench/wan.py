@@ -33,12 +33,12 @@ from pathlib import Path
 
 import aiohttp
 
+from bench.run import start_upstream
 from tests.support.binaries import require_binary
 from tests.support.images import Image, make_image
 from tests.support.mirror import MirrorProcess
 from tests.support.processes import free_port
 from tests.support.registry import Registry
-from tests.support.tokenserver import TokenServer
 
 MiB = 1 << 20
 ACCEPT = (
@@ -242,12 +242,7 @@ def run(args: argparse.Namespace) -> str:
     skopeo = require_binary("skopeo")
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="pt-wan-") as tmp:
         work = Path(tmp)
-        tokens = TokenServer(workdir=work / "tokens")
-        tokens.start()
-        stack.callback(tokens.close)
-        upstream = Registry(work / "upstream", tokens=tokens)
-        upstream.start()
-        stack.callback(upstream.stop)
+        upstream = start_upstream(stack, work)
         image: Image = make_image(
             "bench/wan", "1", "wan", [int(s * MiB) for s in LAYER_SIZES], compresslevel=1
         )

@@ -280,6 +280,12 @@ class GuardedHandler(web.RequestHandler):
         self._connections.release()
 
     def data_received(self, data: bytes) -> None:
+        if not data:
+            # aiohttp calls this with nothing to resume parsing what it held back
+            # while the reader of a body was behind (flow control): let it through,
+            # or a paused upload never goes on.
+            super().data_received(data)
+            return
         while data:
             if self._force_close or self._close or self.transport is None:
                 return

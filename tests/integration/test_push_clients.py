@@ -4,7 +4,10 @@ skopeo, podman, and docker through dockerd."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import http.client
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -165,3 +168,36 @@ def test_oras_pushes_an_artifact_with_a_subject_found_through_referrers(
     assert [m["digest"] for m in filtered["manifests"]] == [pushed]
     other = httpclient.request("GET", f"{base}?artifactType=application/x-none").json()
     assert other["manifests"] == []
+
+
+def test_streamed_chunked_uploads_through_the_server_never_stall(mirror: MirrorProcess) -> None:
+    # A chunked PATCH as skopeo streams it. The server's guard sits in front of
+    # aiohttp's parser; when the handler falls behind, the parser holds the rest
+    # back and resumes through an empty data_received call, which the guard once
+    # swallowed: the upload's last bytes stayed parked and the client waited forever.
+    data = os.urandom(24 << 20)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    for round_ in range(6):
+        conn = http.client.HTTPConnection("127.0.0.1", mirror.port, timeout=30)
+        conn.request("POST", "/v2/myorg/streamed/blobs/uploads/")
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 202
+        location = resp.getheader("Location")
+        assert location is not None
+        pieces = (data[i : i + (1 << 20)] for i in range(0, len(data), 1 << 20))
+        conn.request("PATCH", location, body=pieces, encode_chunked=True)
+        resp = conn.getresponse()  # a stall is a TimeoutError here
+        resp.read()
+        assert resp.status == 202, round_
+        assert resp.getheader("Range") == f"0-{len(data) - 1}"
+        conn.request(
+            "PUT",
+            f"{location}&digest={digest}" if "?" in location else f"{location}?digest={digest}",
+        )
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 201
+        conn.close()
+    got = httpclient.request("GET", f"{mirror.url}/v2/myorg/streamed/blobs/{digest}")
+    assert hashlib.sha256(got.body).hexdigest() == digest.removeprefix("sha256:")

@@ -73,7 +73,7 @@ class Metrics:
         self._cache_collector: _CacheCollector | None = None
         self.requests = Counter(
             "pullthrough_requests",
-            "Registry requests served, by kind (manifest, blob, tags) and result "
+            "Registry requests served, by kind (manifest, blob, tags, referrers) and result "
             "(hit, prefetched, miss, stale, error)",
             ["kind", "result"],
             registry=self.registry,

@@ -46,7 +46,12 @@ def summarize(text: str) -> str:
 
     lines = []
     answered = hits = 0.0
-    for kind in ("manifest", "blob", "tags"):
+    for kind, plural in (
+        ("manifest", "manifests"),
+        ("blob", "blobs"),
+        ("tags", "tag lists"),
+        ("referrers", "referrers"),
+    ):
         counts = {
             r: total("pullthrough_requests_total", kind=kind, result=r)
             for r in ("hit", "miss", "stale", "error", "prefetched")
@@ -58,7 +63,7 @@ def summarize(text: str) -> str:
         if sum(counts.values()):
             ahead = f" ({prefetched:.0f} read ahead)" if prefetched else ""
             lines.append(
-                f"  {kind + 's':<10} {counts['hit']:.0f} hit, {counts['miss']:.0f} miss{ahead}, "
+                f"  {plural:<10} {counts['hit']:.0f} hit, {counts['miss']:.0f} miss{ahead}, "
                 f"{counts['stale']:.0f} stale, {counts['error']:.0f} error"
             )
         answered += counts["hit"] + counts["miss"] + counts["stale"]

@@ -213,6 +213,29 @@ class HostedRepositories:
             dirs[:] = [d for d in dirs if d != "_tags"]
         return keep
 
+    def usage(self) -> tuple[int, int, int, int]:
+        """(bytes, blobs, manifests, repositories) the hosted repositories hold, each
+        blob and manifest counted once however many link it; walks the links, so
+        not for hot paths."""
+        repositories = 0
+        linked: dict[str, set[Digest]] = {"_blobs": set(), "_manifests": set()}
+        for folder, dirs, _ in os.walk(self.root):
+            base = Path(folder)
+            if not base.name.startswith("_") and any(d.startswith("_") for d in dirs):
+                repositories += 1
+            if base.parent.name in linked:
+                with contextlib.suppress(FileNotFoundError):  # a repository deleted meanwhile
+                    linked[base.parent.name].update(
+                        Digest(base.name, p.name) for p in base.iterdir()
+                    )
+            dirs[:] = [d for d in dirs if d != "_tags"]
+        size = 0
+        for kind, store in (("_blobs", self.layout.blob), ("_manifests", self.layout.manifest)):
+            for digest in linked[kind]:
+                with contextlib.suppress(FileNotFoundError):  # collected meanwhile
+                    size += store(digest).stat().st_size
+        return size, len(linked["_blobs"]), len(linked["_manifests"]), repositories
+
     @contextlib.contextmanager
     def _locked(self, mode: int) -> Iterator[None]:
         fd = os.open(self.root / "gc.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)

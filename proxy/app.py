@@ -17,7 +17,7 @@ from pullthrough.cache.layout import Layout
 from pullthrough.cache.manifests import ManifestStore
 from pullthrough.cache.scrub import Scrubber
 from pullthrough.cache.stores import KnownUpstream
-from pullthrough.metrics import CacheUsage, Metrics
+from pullthrough.metrics import CacheUsage, HostedUsage, Metrics
 from pullthrough.proxy import push_routes, visibility
 from pullthrough.proxy.access import ACCESS, Access, add_token_route, authenticate
 from pullthrough.proxy.config import Settings
@@ -68,6 +68,8 @@ async def _serve_mirrors(app: web.Application) -> AsyncIterator[None]:
             app[HOSTED_KEY] = hosted
             # Hosted content is the only copy: never evicted for size or age.
             resources.housekeeper.keep_also = hosted.repos.referenced
+            repos = hosted.repos
+            metrics.watch_hosted(lambda: HostedUsage(*repos.usage()))
         expirer = (
             None
             if hosted is None

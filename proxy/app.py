@@ -26,6 +26,7 @@ from pullthrough.proxy.forwarded import TRUSTED, forwarded_for, networks
 from pullthrough.proxy.hosted import Hosted
 from pullthrough.proxy.keys import METRICS, MIRRORS, SETTINGS
 from pullthrough.proxy.push_routes import HOSTED_KEY
+from pullthrough.proxy.referrers import REFERRERS, Referrers
 from pullthrough.proxy.resources import open_mirrors
 from pullthrough.proxy.routes import (
     add_routes,
@@ -164,6 +165,7 @@ def create_app(
     )
     app[SETTINGS] = settings
     app[METRICS] = metrics or Metrics()
+    app[REFERRERS] = Referrers()
     app[TRUSTED] = networks(settings.trusted_proxies)
     app.cleanup_ctx.append(_serve_mirrors)
     if settings.htpasswd is not None:

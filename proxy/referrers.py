@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from aiohttp import web
 from yarl import URL
 
 from pullthrough.cache.digests import Digest
@@ -30,6 +31,7 @@ from pullthrough.proxy.errors import (
     UpstreamInvalid,
     UpstreamUnavailable,
 )
+from pullthrough.proxy.inflight import SingleFlight
 from pullthrough.proxy.mirror import MAX_MANIFEST_BYTES, Mirror, _read_limited
 from pullthrough.proxy.names import Reference
 from pullthrough.proxy.upstream import raise_for_status
@@ -55,34 +57,54 @@ def schema_tag(subject: Digest) -> str:
     return f"{subject.algorithm[:TAG_ALGORITHM_CHARS]}-{subject.hex[:TAG_HEX_CHARS]}"
 
 
-async def referrers(
-    mirror: Mirror, repository: str, subject: Digest, artifact_type: str | None
-) -> ReferrersAnswer:
-    """The image index of ``subject``'s referrers, of ``artifact_type`` when given."""
-    # Beside the tag list pages, under a key no tag list query can have.
-    key = f"referrers/{subject}" + ("" if artifact_type is None else f"?{artifact_type}")
-    cached = await mirror.tags.get_listing(mirror.name, repository, key)
-    if cached is not None and (mirror.offline or cached.age() < mirror.tag_ttl):
-        return ReferrersAnswer(cached.body, "cache")
-    if mirror.offline:
-        # Nothing cached from a referrers API: what the tag schema's index
-        # cached by a pull says (the tag path answers offline from the cache).
-        found = await _from_tag_schema(mirror, repository, subject)
-        return ReferrersAnswer(_index(_filter(found, artifact_type)), "cache")
-    try:
-        found = await _from_upstream(mirror, repository, subject, artifact_type)
-    except (UpstreamUnavailable, TooManyRequests) as exc:
-        if cached is None:
-            raise
-        reason = "ratelimited" if isinstance(exc, TooManyRequests) else "unavailable"
-        mirror.metrics.stale_served.labels(reason).inc()
-        log.warning("serving the referrers of %s@%s from cache: %s", repository, subject, exc)
-        return ReferrersAnswer(cached.body, "stale")
-    # Filtered here too, whatever OCI-Filters-Applied said: filtering twice
-    # changes nothing, and an upstream that ignored the filter is covered.
-    body = _index(_filter(found, artifact_type))
-    await mirror.tags.put_listing(mirror.name, repository, key, Listing(body, None, time.time()))
-    return ReferrersAnswer(body, "upstream")
+class Referrers:
+    """Referrers answers of every mirror; concurrent misses for one subject and
+    filter share one upstream fetch (a fleet verifying one signature at once)."""
+
+    def __init__(self) -> None:
+        self._flights: SingleFlight[tuple[str, str, str], ReferrersAnswer] = SingleFlight()
+
+    async def get(
+        self, mirror: Mirror, repository: str, subject: Digest, artifact_type: str | None
+    ) -> ReferrersAnswer:
+        """The image index of ``subject``'s referrers, of ``artifact_type`` when given."""
+        # Beside the tag list pages, under a key no tag list query can have.
+        key = f"referrers/{subject}" + ("" if artifact_type is None else f"?{artifact_type}")
+        cached = await mirror.tags.get_listing(mirror.name, repository, key)
+        if cached is not None and (mirror.offline or cached.age() < mirror.tag_ttl):
+            return ReferrersAnswer(cached.body, "cache")
+        if mirror.offline:
+            # Nothing cached from a referrers API: what the tag schema's index
+            # cached by a pull says (the tag path answers offline from the cache).
+            found = await _from_tag_schema(mirror, repository, subject)
+            return ReferrersAnswer(_index(_filter(found, artifact_type)), "cache")
+
+        async def fetch() -> ReferrersAnswer:
+            try:
+                found = await _from_upstream(mirror, repository, subject, artifact_type)
+            except (UpstreamUnavailable, TooManyRequests) as exc:
+                if cached is None:
+                    raise
+                reason = "ratelimited" if isinstance(exc, TooManyRequests) else "unavailable"
+                mirror.metrics.stale_served.labels(reason).inc()
+                log.warning(
+                    "serving the referrers of %s@%s from cache: %s", repository, subject, exc
+                )
+                return ReferrersAnswer(cached.body, "stale")
+            # Filtered here too, whatever OCI-Filters-Applied said: filtering
+            # twice changes nothing, and an upstream that ignored it is covered.
+            body = _index(_filter(found, artifact_type))
+            listing = Listing(body, None, time.time())
+            await mirror.tags.put_listing(mirror.name, repository, key, listing)
+            return ReferrersAnswer(body, "upstream")
+
+        answer, shared = await self._flights.run((mirror.name, repository, key), fetch)
+        if shared:
+            mirror.metrics.coalesced.labels("referrers").inc()
+        return answer
+
+
+REFERRERS = web.AppKey("referrers", Referrers)
 
 
 async def _from_upstream(

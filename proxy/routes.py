@@ -174,7 +174,7 @@ async def referrers_list(
         # A "+" sent unescaped (application/spdx+json) arrives as a space, which
         # no media type holds.
         artifact_type = artifact_type.replace(" ", "+")
-    answer = await referrers.referrers(mirror, repository, subject, artifact_type)
+    answer = await request.app[referrers.REFERRERS].get(mirror, repository, subject, artifact_type)
     request[SOURCE] = answer.source
     headers = dict(API_VERSION)
     if artifact_type is not None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -202,6 +203,33 @@ async def test_the_upstreams_referrers_api_is_asked_filtered_and_cached(
     await mirror.get(base)
     assert len(referrer_requests(fault)) == asked
     assert not any("/manifests/" in s.path for s in fault.seen)  # no tag schema needed
+
+
+async def test_concurrent_requests_for_one_subject_share_one_upstream_request(
+    fault: FaultRegistry, aiohttp_server: Server, aiohttp_client: Client, tmp_path: Path
+) -> None:
+    subject = _subject()
+    sbom, _ = artifact(subject, SBOM, b"sbom")
+    assert fault.referrers is not None
+    fault.referrers[subject.digest] = [index_of(sbom)]
+    fault.referrers_gate = asyncio.Event()
+    mirror = await mirror_of(fault, aiohttp_server, aiohttp_client, tmp_path / "cache")
+
+    async def ask() -> bytes:
+        resp = await mirror.get(f"/v2/library/app/referrers/{subject.digest}")
+        assert resp.status == 200
+        return await resp.read()
+
+    requests = [asyncio.create_task(ask()) for _ in range(20)]
+    await fault.referrers_asked.wait()
+    await asyncio.sleep(0.3)  # the others reach the mirror meanwhile
+    fault.referrers_gate.set()
+    bodies = await asyncio.gather(*requests)
+    assert {json.loads(b)["manifests"][0]["digest"] for b in bodies} == {sbom.digest}
+    # Those that came after the answer found it cached: one request either way.
+    assert len(referrer_requests(fault)) == 1
+    metrics = await (await mirror.get("/metrics")).text()
+    assert 'pullthrough_coalesced_requests_total{kind="referrers"}' in metrics
 
 
 async def test_pages_of_referrers_are_followed_and_joined(

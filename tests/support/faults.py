@@ -78,6 +78,10 @@ class FaultRegistry:
     referrers: dict[str, list[bytes]] | None = None
     # Filter by ?artifactType= and say so (OCI-Filters-Applied), or ignore it.
     filters_applied: bool = False
+    # While set (and not yet released), referrers requests wait on it;
+    # `referrers_asked` is set as soon as one arrives.
+    referrers_gate: asyncio.Event | None = None
+    referrers_asked: asyncio.Event = field(default_factory=asyncio.Event)
 
     def add_blob(self, data: bytes) -> str:
         digest = digest_of(data)
@@ -164,6 +168,9 @@ class FaultRegistry:
         refused = self._gate(request)
         if refused is not None:
             return refused
+        self.referrers_asked.set()
+        if self.referrers_gate is not None:
+            await self.referrers_gate.wait()
         if self.referrers is None:
             return web.Response(status=404, text="404 page not found\n")
         pages = self.referrers.get(request.match_info["digest"], [b'{"manifests": []}'])

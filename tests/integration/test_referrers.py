@@ -20,12 +20,14 @@ from tests.support.images import (
     OCI_INDEX,
     OCI_MANIFEST,
     Blob,
+    Image,
     Manifest,
     Pusher,
     make_image,
 )
 from tests.support.mirror import MirrorProcess, settings_for
 from tests.support.registry import Registry
+from tests.support.tokenserver import PUSHER
 
 Server = Callable[[web.Application], Awaitable[TestServer]]
 Client = Callable[..., Awaitable[TestClient[Any, Any]]]
@@ -55,7 +57,9 @@ def artifact(subject: Manifest, artifact_type: str, content: bytes) -> tuple[Man
 def descriptor(manifest: Manifest) -> dict[str, Any]:
     """The entry a referrers index has for an artifact manifest."""
     doc = manifest.json
-    return manifest.descriptor(artifactType=doc["artifactType"], annotations=doc["annotations"])
+    # The spec's rule: without an artifactType, the config's media type is it.
+    kind = doc.get("artifactType", doc["config"]["mediaType"])
+    return manifest.descriptor(artifactType=kind, annotations=doc["annotations"])
 
 
 def index_of(*manifests: Manifest) -> bytes:
@@ -74,22 +78,56 @@ def schema_tag(digest: str) -> str:
 # --------------------------------------------------------------------- real upstream
 
 
+def oras_push(
+    upstream: Registry, image: Image, artifact_type: str, content: bytes, tmp_path: Path
+) -> Manifest:
+    """Push an artifact about ``image`` with oras (the Python client), as it lands."""
+    oras_provider = pytest.importorskip("oras.provider")
+    oras_oci = pytest.importorskip("oras.oci")
+    client = oras_provider.Registry(hostname=upstream.host, insecure=True)
+    # oras-py keeps one token for every scope: give it one that may push.
+    challenge = httpclient.request("GET", f"{upstream.url}/v2/").header("WWW-Authenticate")
+    _, params = httpclient.parse_challenge(challenge)
+    token = httpclient.fetch_token(
+        params["realm"],
+        service=params["service"],
+        scopes=[f"repository:{image.name}:pull,push"],
+        credentials=PUSHER,
+    )
+    client.auth.set_token_auth(token)
+    name = artifact_type.rsplit("/", 1)[-1]
+    (tmp_path / name).write_bytes(content)
+    (tmp_path / f"{name}.config").write_bytes(b"{}")
+    subject = oras_oci.Subject(image.top.media_type, image.digest, image.top.size)
+    pushed = client.push(
+        target=f"{upstream.host}/{image.name}:{name.replace('+', '-')}",
+        files=[f"{tmp_path / name}:{artifact_type}"],
+        manifest_config=f"{tmp_path / name}.config:{artifact_type}",
+        manifest_annotations={"org.example.made-by": "test_referrers"},
+        subject=subject,
+        disable_path_validation=True,
+        quiet=True,
+    )
+    assert pushed.status_code == 201
+    digest = pushed.headers["Docker-Content-Digest"]
+    url = f"{upstream.url}/v2/{image.name}/manifests/{digest}"
+    data: bytes = client.do_request(url, headers={"Accept": OCI_MANIFEST}).content
+    assert digest_of(data) == digest
+    assert json.loads(data)["subject"]["digest"] == image.digest
+    return Manifest(digest, data, OCI_MANIFEST)
+
+
 def test_referrers_of_a_mirrored_image_come_from_the_upstreams_tag_schema(
     upstream: Registry, tmp_path: Path, stop_later: list[MirrorProcess]
 ) -> None:
     image = make_image("referred/app", "v1", "referred", (1200,), oci=True)
     upstream.push(image)
-    sbom, sbom_layer = artifact(image.top, SBOM, b'{"spdxVersion": "SPDX-2.3"}')
-    signature, signature_layer = artifact(image.top, SIGNATURE, b"signed\n")
     # What oras and cosign do on a registry without the referrers API: push the
-    # artifacts by digest, and the index of them under the subject's tag.
-    pusher = Pusher(upstream.url)
-    for blob in (EMPTY, sbom_layer, signature_layer):
-        pusher.push_blob(image.name, blob)
-    for manifest in (sbom, signature):
-        pusher.push_manifest(image.name, manifest.digest, manifest)
+    # artifacts (with their subject), then their index under the subject's tag.
+    sbom = oras_push(upstream, image, SBOM, b'{"spdxVersion": "SPDX-2.3"}', tmp_path)
+    signature = oras_push(upstream, image, SIGNATURE, b"signed\n", tmp_path)
     listing = Manifest.of(json.loads(index_of(sbom, signature)))
-    pusher.push_manifest(image.name, schema_tag(image.digest), listing)
+    Pusher(upstream.url).push_manifest(image.name, schema_tag(image.digest), listing)
 
     mirror = MirrorProcess(tmp_path / "cache", upstream.url)
     stop_later.append(mirror)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,7 @@ MAX_PAGES = 64
 # The spec's tag schema: the algorithm and the hex part, truncated to these.
 TAG_ALGORITHM_CHARS = 32
 TAG_HEX_CHARS = 64
+_NEXT = re.compile(r"""\brel\s*=\s*"?next\b""", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,8 +164,11 @@ def _next_page(link: str, own_path: str) -> dict[str, str] | None:
     Only the same path is followed: a link elsewhere is the upstream's own
     business, not a page of this answer.
     """
-    target, _, params = link.partition(";")
-    if "next" not in params:
+    for value in link.split(","):
+        target, _, params = value.partition(";")
+        if _NEXT.search(params) is not None:
+            break
+    else:
         return None
     target = target.strip()
     if not (target.startswith("<") and target.endswith(">")):
@@ -181,8 +186,8 @@ def _descriptors(body: bytes, what: str) -> list[dict[str, Any]]:
     """The ``manifests`` of an image index, each a well-formed descriptor."""
     try:
         doc = json.loads(body)
-    except ValueError as exc:  # UnicodeDecodeError included
-        raise UpstreamInvalid(f"{what} is not JSON") from exc
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise UpstreamInvalid(f"{what} is not JSON (or nested too deeply)") from exc
     manifests = doc.get("manifests") if isinstance(doc, dict) else None
     if not isinstance(manifests, list):
         raise UpstreamInvalid(f"{what} is not an image index")

@@ -355,6 +355,7 @@ def _huge() -> bytes:
             id="bad-digest",
         ),
         pytest.param(b"[]", id="a-list"),
+        pytest.param(b'{"manifests": ' + b"[" * 100_000, id="nested-too-deeply"),
     ],
 )
 async def test_a_hostile_referrers_answer_is_a_502_with_an_oci_error(

@@ -177,7 +177,9 @@ class FaultRegistry:
         number = int(request.query.get("page", "0"))
         body, headers = pages[number], {}
         if number + 1 < len(pages):
-            headers["Link"] = f'<{request.path}?page={number + 1}>; rel="next"'
+            # A first link too, as some registries send: only "next" is a page to follow.
+            first, following = f"{request.path}?page=0", f"{request.path}?page={number + 1}"
+            headers["Link"] = f'<{first}>; rel="first", <{following}>; rel=next'
         wanted = request.query.get("artifactType")
         if self.filters_applied and wanted is not None:
             index = json.loads(body)

@@ -65,7 +65,7 @@ def check_manifest(data: bytes, content_type: str) -> Checked:
         raise ManifestInvalid(f"manifests are limited to {MAX_MANIFEST_BYTES} bytes")
     try:
         doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise ManifestInvalid("not JSON") from None
     if not isinstance(doc, dict):
         raise ManifestInvalid("not a JSON object")

@@ -241,6 +241,9 @@ async def test_the_upstreams_referrers_api_is_asked_filtered_and_cached(
     await mirror.get(base)
     assert len(referrer_requests(fault)) == asked
     assert not any("/manifests/" in s.path for s in fault.seen)  # no tag schema needed
+    metrics = await (await mirror.get("/metrics")).text()
+    assert 'pullthrough_requests_total{kind="referrers",result="miss"} 2.0' in metrics
+    assert 'pullthrough_requests_total{kind="referrers",result="hit"} 2.0' in metrics
 
 
 async def test_concurrent_requests_for_one_subject_share_one_upstream_request(

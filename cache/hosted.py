@@ -65,7 +65,7 @@ def check_manifest(data: bytes, content_type: str) -> Checked:
         raise ManifestInvalid(f"manifests are limited to {MAX_MANIFEST_BYTES} bytes")
     try:
         doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise ManifestInvalid("not JSON") from None
     if not isinstance(doc, dict):
         raise ManifestInvalid("not a JSON object")
@@ -212,6 +212,29 @@ class HostedRepositories:
                 keep.update(Digest(base.name, p.name) for p in base.iterdir())
             dirs[:] = [d for d in dirs if d != "_tags"]
         return keep
+
+    def usage(self) -> tuple[int, int, int, int]:
+        """(bytes, blobs, manifests, repositories) the hosted repositories hold, each
+        blob and manifest counted once however many link it; walks the links, so
+        not for hot paths."""
+        repositories = 0
+        linked: dict[str, set[Digest]] = {"_blobs": set(), "_manifests": set()}
+        for folder, dirs, _ in os.walk(self.root):
+            base = Path(folder)
+            if not base.name.startswith("_") and any(d.startswith("_") for d in dirs):
+                repositories += 1
+            if base.parent.name in linked:
+                with contextlib.suppress(FileNotFoundError):  # a repository deleted meanwhile
+                    linked[base.parent.name].update(
+                        Digest(base.name, p.name) for p in base.iterdir()
+                    )
+            dirs[:] = [d for d in dirs if d != "_tags"]
+        size = 0
+        for kind, store in (("_blobs", self.layout.blob), ("_manifests", self.layout.manifest)):
+            for digest in linked[kind]:
+                with contextlib.suppress(FileNotFoundError):  # collected meanwhile
+                    size += store(digest).stat().st_size
+        return size, len(linked["_blobs"]), len(linked["_manifests"]), repositories
 
     @contextlib.contextmanager
     def _locked(self, mode: int) -> Iterator[None]:

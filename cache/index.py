@@ -26,7 +26,7 @@ class TagEntry:
 
 @dataclass(frozen=True, slots=True)
 class Listing:
-    """A page of ``tags/list`` as the upstream sent it."""
+    """A page of ``tags/list`` as the upstream sent it, or a referrers index."""
 
     body: bytes
     link: str | None

@@ -18,7 +18,7 @@ The whole on-disk layout, in one place::
       index/                                   diskcache: tag entries, (upstream name,
                                                repository, tag, accept) -> (digest,
                                                media type, time fetched), and the pins
-      index/listings/                          diskcache: tag list pages (bounded, LRU)
+      index/listings/                          diskcache: tag list pages, referrers (LRU)
       index.reserve                            16 MiB set aside, given back when a full
                                                disk keeps the index from opening
                                                (cache/space.py)

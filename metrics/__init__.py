@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -32,13 +33,31 @@ class CacheUsage:
     manifests: int
 
 
-class _CacheCollector(Collector):
-    """Cache size, measured at scrape time (at most every ``max_age`` seconds)."""
+@dataclass(frozen=True, slots=True)
+class HostedUsage:
+    size_bytes: int  # of the blobs and manifests hosted repositories link, each once
+    blobs: int
+    manifests: int
+    repositories: int
 
-    def __init__(self, measure: Callable[[], CacheUsage], max_age: float = 30.0) -> None:
+
+U = TypeVar("U")
+
+
+class _Measured(Collector, Generic[U]):
+    """Gauges measured at scrape time (at most every ``max_age`` seconds), by
+    walking the disk: ``families`` turns a measure into metrics (None: describe)."""
+
+    def __init__(
+        self,
+        measure: Callable[[], U],
+        families: Callable[[U | None], Iterator[Metric]],
+        max_age: float = 30.0,
+    ) -> None:
         self._measure = measure
+        self._families = families
         self._max_age = max_age
-        self._last: tuple[float, CacheUsage] | None = None
+        self._last: tuple[float, U] | None = None
 
     def describe(self) -> Iterator[Metric]:
         # Registering calls describe(), or collect() without it: measure on scrapes only.
@@ -50,30 +69,54 @@ class _CacheCollector(Collector):
             self._last = (now, self._measure())
         return self._families(self._last[1])
 
-    @staticmethod
-    def _families(usage: CacheUsage | None) -> Iterator[Metric]:
-        size = GaugeMetricFamily(
-            "pullthrough_cache_size_bytes", "Bytes of blobs and manifests in the cache"
-        )
-        objects = GaugeMetricFamily(
-            "pullthrough_cache_objects", "Blobs and manifests in the cache", labels=["kind"]
-        )
-        if usage is not None:
-            size.add_metric([], usage.size_bytes)
-            objects.add_metric(["blob"], usage.blobs)
-            objects.add_metric(["manifest"], usage.manifests)
-        yield size
-        yield objects
+
+def _cache_families(usage: CacheUsage | None) -> Iterator[Metric]:
+    size = GaugeMetricFamily(
+        "pullthrough_cache_size_bytes", "Bytes of blobs and manifests in the cache"
+    )
+    objects = GaugeMetricFamily(
+        "pullthrough_cache_objects", "Blobs and manifests in the cache", labels=["kind"]
+    )
+    if usage is not None:
+        size.add_metric([], usage.size_bytes)
+        objects.add_metric(["blob"], usage.blobs)
+        objects.add_metric(["manifest"], usage.manifests)
+    yield size
+    yield objects
+
+
+def _hosted_families(usage: HostedUsage | None) -> Iterator[Metric]:
+    size = GaugeMetricFamily(
+        "pullthrough_hosted_size_bytes",
+        "Bytes of the blobs and manifests hosted repositories hold (each stored once)",
+    )
+    objects = GaugeMetricFamily(
+        "pullthrough_hosted_objects",
+        "Blobs and manifests hosted repositories hold",
+        labels=["kind"],
+    )
+    repositories = GaugeMetricFamily(
+        "pullthrough_hosted_repositories", "Hosted repositories (those the catalog lists)"
+    )
+    if usage is not None:
+        size.add_metric([], usage.size_bytes)
+        objects.add_metric(["blob"], usage.blobs)
+        objects.add_metric(["manifest"], usage.manifests)
+        repositories.add_metric([], usage.repositories)
+    yield size
+    yield objects
+    yield repositories
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._multiprocess = MULTIPROCESS_ENV in os.environ
-        self._cache_collector: _CacheCollector | None = None
+        # Measured when scraped, by whichever worker answers the scrape.
+        self._measured: list[Collector] = []
         self.requests = Counter(
             "pullthrough_requests",
-            "Registry requests served, by kind (manifest, blob, tags) and result "
+            "Registry requests served, by kind (manifest, blob, tags, referrers) and result "
             "(hit, prefetched, miss, stale, error)",
             ["kind", "result"],
             registry=self.registry,
@@ -201,8 +244,9 @@ class Metrics:
 
         self.pushes = Counter(
             "pullthrough_pushes",
-            "What clients pushed to hosted repositories, by kind (blob, mount, manifest, delete)",
-            ["kind"],
+            "What clients pushed to (or deleted from) hosted repositories, by kind "
+            "(blob, mount, manifest, delete) and result (ok, denied, invalid, error)",
+            ["kind", "result"],
             registry=self.registry,
         )
         self.pushed_bytes = Counter(
@@ -213,9 +257,16 @@ class Metrics:
 
     def watch_cache(self, measure: Callable[[], CacheUsage]) -> None:
         """Report the cache's size, measured by ``measure`` when scraped."""
-        self._cache_collector = _CacheCollector(measure)
+        self._watch(_Measured(measure, _cache_families))
+
+    def watch_hosted(self, measure: Callable[[], HostedUsage]) -> None:
+        """Report what hosted repositories hold, measured by ``measure`` when scraped."""
+        self._watch(_Measured(measure, _hosted_families))
+
+    def _watch(self, collector: Collector) -> None:
+        self._measured.append(collector)
         if not self._multiprocess:
-            self.registry.register(self._cache_collector)
+            self.registry.register(collector)
 
     def exposition(self) -> bytes:
         """The text format; may walk the cache, so call it off the event loop."""
@@ -223,6 +274,6 @@ class Metrics:
             return generate_latest(self.registry)
         registry = CollectorRegistry()
         MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        if self._cache_collector is not None:
-            registry.register(self._cache_collector)
+        for collector in self._measured:
+            registry.register(collector)
         return generate_latest(registry)

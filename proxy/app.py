@@ -17,7 +17,7 @@ from pullthrough.cache.layout import Layout
 from pullthrough.cache.manifests import ManifestStore
 from pullthrough.cache.scrub import Scrubber
 from pullthrough.cache.stores import KnownUpstream
-from pullthrough.metrics import CacheUsage, Metrics
+from pullthrough.metrics import CacheUsage, HostedUsage, Metrics
 from pullthrough.proxy import push_routes, visibility
 from pullthrough.proxy.access import ACCESS, Access, add_token_route, authenticate
 from pullthrough.proxy.config import Settings
@@ -26,6 +26,7 @@ from pullthrough.proxy.forwarded import TRUSTED, forwarded_for, networks
 from pullthrough.proxy.hosted import Hosted
 from pullthrough.proxy.keys import METRICS, MIRRORS, SETTINGS
 from pullthrough.proxy.push_routes import HOSTED_KEY
+from pullthrough.proxy.referrers import REFERRERS, Referrers
 from pullthrough.proxy.resources import open_mirrors
 from pullthrough.proxy.routes import (
     add_routes,
@@ -68,6 +69,8 @@ async def _serve_mirrors(app: web.Application) -> AsyncIterator[None]:
             app[HOSTED_KEY] = hosted
             # Hosted content is the only copy: never evicted for size or age.
             resources.housekeeper.keep_also = hosted.repos.referenced
+            repos = hosted.repos
+            metrics.watch_hosted(lambda: HostedUsage(*repos.usage()))
         expirer = (
             None
             if hosted is None
@@ -162,6 +165,7 @@ def create_app(
     )
     app[SETTINGS] = settings
     app[METRICS] = metrics or Metrics()
+    app[REFERRERS] = Referrers()
     app[TRUSTED] = networks(settings.trusted_proxies)
     app.cleanup_ctx.append(_serve_mirrors)
     if settings.htpasswd is not None:

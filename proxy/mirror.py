@@ -83,7 +83,7 @@ def manifest_media_type(content_type: str | None, data: bytes) -> str:
         return declared
     try:
         doc = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # deep nesting: not a manifest either
         return declared or "application/octet-stream"
     if isinstance(doc, dict):
         media_type = doc.get("mediaType")

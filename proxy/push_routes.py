@@ -24,6 +24,7 @@ from pullthrough.proxy.errors import (
     ManifestBlobUnknown,
     ManifestInvalid,
     PushUnsupported,
+    RegistryError,
     SizeInvalid,
     StorageFull,
     UploadRangeInvalid,
@@ -67,6 +68,38 @@ async def dispatch(request: web.Request, path: str) -> web.StreamResponse:
     """Answer a request for a hosted repository (``hosted_name`` said it is one)."""
     hosted = request.app[HOSTED_KEY]
     request[SOURCE] = "hosted"
+    try:
+        return await _answer(request, hosted, path)
+    except Exception as exc:
+        # Pushes that worked are counted where they complete; a failed request
+        # of a push (any chunk of it) counts once, by why it failed.
+        kind = _push_kind(request.method, path)
+        if kind is not None:
+            request.app[METRICS].pushes.labels(kind, _failure(exc)).inc()
+        raise
+
+
+def _push_kind(method: str, path: str) -> str | None:
+    """The ``kind`` of pullthrough_pushes_total a request is part of; None for reads."""
+    if _UPLOAD.match(path) is not None:
+        return "blob" if method in ("POST", "PATCH", "PUT") else None
+    if method == "DELETE":
+        return "delete"
+    match = _CONTENT.match(path)
+    if method == "PUT" and match is not None and match["kind"] == "manifests":
+        return "manifest"
+    return None
+
+
+def _failure(exc: Exception) -> str:
+    """A failed push's ``result``: denied (401, 403), invalid (other 4xx), error."""
+    status = exc.status if isinstance(exc, RegistryError | web.HTTPException) else 500
+    if status in (401, 403):
+        return "denied"
+    return "invalid" if status < 500 else "error"
+
+
+async def _answer(request: web.Request, hosted: Hosted, path: str) -> web.StreamResponse:
     try:
         return await _dispatch(request, hosted, path)
     except store.ManifestInvalid as exc:
@@ -183,7 +216,7 @@ async def _start(request: web.Request, hosted: Hosted, repository: str) -> web.R
         source = names.repository(source, docker_hub_rules=False)
         await authorize_pull(request, HOSTED, source)
         if await hosted.mount(repository, source, digest):
-            request.app[METRICS].pushes.labels("mount").inc()
+            request.app[METRICS].pushes.labels("mount", "ok").inc()
             return _blob_created(repository, digest)
         # Not mountable: an ordinary upload session, as the spec says.
     upload = hosted.uploads.start(repository)
@@ -228,7 +261,7 @@ async def _upload(
 
 def _count_blob(request: web.Request, size: int) -> None:
     metrics = request.app[METRICS]
-    metrics.pushes.labels("blob").inc()
+    metrics.pushes.labels("blob", "ok").inc()
     metrics.pushed_bytes.inc(size)
 
 
@@ -256,7 +289,7 @@ async def _blob(
         if not hosted.delete_enabled:
             raise PushUnsupported("deletes are disabled (delete_enabled)")
         await hosted.delete_blob(repository, digest)
-        request.app[METRICS].pushes.labels("delete").inc()
+        request.app[METRICS].pushes.labels("delete", "ok").inc()
         return web.Response(status=202, headers=API_VERSION)
     if method not in ("GET", "HEAD"):
         raise PushUnsupported(f"{method} of a blob")
@@ -279,7 +312,7 @@ async def _manifest(
             repository, reference, data, request.headers.get("Content-Type", "")
         )
         digest = checked.manifest.digest
-        request.app[METRICS].pushes.labels("manifest").inc()
+        request.app[METRICS].pushes.labels("manifest", "ok").inc()
         headers = {
             **API_VERSION,
             "Location": f"/v2/{repository}/manifests/{digest}",
@@ -294,7 +327,7 @@ async def _manifest(
         if not hosted.delete_enabled:
             raise PushUnsupported("deletes are disabled (delete_enabled)")
         await hosted.delete_manifest(repository, reference)
-        request.app[METRICS].pushes.labels("delete").inc()
+        request.app[METRICS].pushes.labels("delete", "ok").inc()
         return web.Response(status=202, headers=API_VERSION)
     if method not in ("GET", "HEAD"):
         raise PushUnsupported(f"{method} of a manifest")

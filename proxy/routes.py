@@ -15,8 +15,9 @@ from aiohttp.typedefs import Handler
 
 from pullthrough.cache.digests import Digest
 from pullthrough.cache.errors import InvalidDigest, UnsupportedDigest
+from pullthrough.cache.mediatypes import OCI_INDEX
 from pullthrough.metrics import CONTENT_TYPE
-from pullthrough.proxy import names
+from pullthrough.proxy import names, referrers
 from pullthrough.proxy.access import authorize_pull
 from pullthrough.proxy.errors import (
     ManifestUnknown,
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 _ROUTE = re.compile(r"^(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<ref>[^/]+)$")
 _TAGS = re.compile(r"^(?P<name>.+)/tags/list$")
+_REFERRERS = re.compile(r"^(?P<name>.+)/referrers/(?P<ref>[^/]+)$")
 _UPLOADS = re.compile(r"^.+/blobs/uploads(/.*)?$")
 MAX_TAGS_PAGE = 10_000
 # ASCII digits only (str.isdigit() also takes "²"), and few enough for int().
@@ -65,17 +67,23 @@ async def registry(request: web.Request) -> web.StreamResponse:
         kind = "manifest" if match["kind"] == "manifests" else "blob"
     elif (match := _TAGS.match(path)) is not None:
         kind = "tags"
+    elif (match := _REFERRERS.match(path)) is not None:
+        kind = "referrers"
     else:
         raise web.HTTPNotFound()
     try:
         mirror, name = route(request, match["name"])
         repository = names.repository(name, docker_hub_rules=mirror.library_prefix)
         content = match.groupdict().get("kind", ""), match.groupdict().get("ref", "")
+        if kind == "referrers":
+            content = ("", "")  # a listing of the repository, not content by digest
         await authorize_pull(request, mirror.name, repository, *content)
         if kind == "manifest":
             response = await manifest(request, mirror, repository, manifest_reference(match["ref"]))
         elif kind == "blob":
             response = await blob(request, mirror, repository, Digest.parse(match["ref"]))
+        elif kind == "referrers":
+            response = await referrers_list(request, mirror, repository, match["ref"])
         else:
             response = await tag_list(request, mirror, repository)
     except Exception:
@@ -153,6 +161,25 @@ async def tag_list(request: web.Request, mirror: Mirror, repository: str) -> web
     if listing.link is not None:
         headers["Link"] = listing.link
     return web.Response(body=listing.body, headers=headers, content_type="application/json")
+
+
+async def referrers_list(
+    request: web.Request, mirror: Mirror, repository: str, raw: str
+) -> web.Response:
+    if request.method == "HEAD":
+        raise Unsupported("HEAD of referrers")
+    subject = Digest.parse(raw)
+    artifact_type = request.query.get("artifactType")
+    if artifact_type is not None:
+        # A "+" sent unescaped (application/spdx+json) arrives as a space, which
+        # no media type holds.
+        artifact_type = artifact_type.replace(" ", "+")
+    answer = await request.app[referrers.REFERRERS].get(mirror, repository, subject, artifact_type)
+    request[SOURCE] = answer.source
+    headers = dict(API_VERSION)
+    if artifact_type is not None:
+        headers["OCI-Filters-Applied"] = "artifactType"
+    return web.Response(body=answer.body, headers=headers, content_type=OCI_INDEX)
 
 
 async def manifest(

@@ -252,9 +252,12 @@ class GuardedHandler(web.RequestHandler):
 
     Bytes are counted before they reach the parser, from the end of one head (or
     of its body) to the end of the next (``\\r\\n\\r\\n``); a chunk that would take
-    a head past the limit is answered 431 and never parsed. The one inexact case:
-    what follows a request body in the same read (at most 256 KiB) goes to the
-    parser uncounted; bodies are refused here anyway (the mirror is read-only).
+    a head past the limit is answered 431 and never parsed. Request bodies (pushes
+    to hosted repositories: blob chunks, manifests) pass to the parser uncounted
+    while they arrive; their sizes are the push handlers' to bound
+    (``max_upload_size``, the manifest size limit). The one inexact case: what
+    follows a body in the same read (at most 256 KiB), the start of a pipelined
+    request's head, also goes to the parser uncounted.
     """
 
     def __init__(self, manager: web.Server, *, connections: Connections, **kwargs: Any) -> None:

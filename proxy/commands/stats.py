@@ -46,7 +46,12 @@ def summarize(text: str) -> str:
 
     lines = []
     answered = hits = 0.0
-    for kind in ("manifest", "blob", "tags"):
+    for kind, plural in (
+        ("manifest", "manifests"),
+        ("blob", "blobs"),
+        ("tags", "tag lists"),
+        ("referrers", "referrers"),
+    ):
         counts = {
             r: total("pullthrough_requests_total", kind=kind, result=r)
             for r in ("hit", "miss", "stale", "error", "prefetched")
@@ -58,7 +63,7 @@ def summarize(text: str) -> str:
         if sum(counts.values()):
             ahead = f" ({prefetched:.0f} read ahead)" if prefetched else ""
             lines.append(
-                f"  {kind + 's':<10} {counts['hit']:.0f} hit, {counts['miss']:.0f} miss{ahead}, "
+                f"  {plural:<10} {counts['hit']:.0f} hit, {counts['miss']:.0f} miss{ahead}, "
                 f"{counts['stale']:.0f} stale, {counts['error']:.0f} error"
             )
         answered += counts["hit"] + counts["miss"] + counts["stale"]
@@ -89,12 +94,28 @@ def summarize(text: str) -> str:
         f"{total('pullthrough_cache_objects', kind='blob'):.0f} blobs, "
         f"{total('pullthrough_cache_objects', kind='manifest'):.0f} manifests"
     )
-    pushes = {k: total("pullthrough_pushes_total", kind=k) for k in ("blob", "mount", "manifest")}
-    if sum(pushes.values()):
+    pushes = {
+        k: total("pullthrough_pushes_total", kind=k, result="ok")
+        for k in ("blob", "mount", "manifest", "delete")
+    }
+    failed = {
+        r: total("pullthrough_pushes_total", result=r) for r in ("denied", "invalid", "error")
+    }
+    if sum(pushes.values()) + sum(failed.values()):
         lines.append(
             f"pushes        {pushes['blob']:.0f} blobs "
             f"({human(total('pullthrough_pushed_bytes_total'))}), {pushes['mount']:.0f} mounts, "
-            f"{pushes['manifest']:.0f} manifests"
+            f"{pushes['manifest']:.0f} manifests, {pushes['delete']:.0f} deletes; failed: "
+            f"{failed['denied']:.0f} denied, {failed['invalid']:.0f} invalid, "
+            f"{failed['error']:.0f} error"
+        )
+    if "pullthrough_hosted_repositories" in samples:
+        repositories = total("pullthrough_hosted_repositories")
+        lines.append(
+            f"hosted        {human(total('pullthrough_hosted_size_bytes'))} in "
+            f"{repositories:.0f} {'repository' if repositories == 1 else 'repositories'} "
+            f"({total('pullthrough_hosted_objects', kind='blob'):.0f} blobs, "
+            f"{total('pullthrough_hosted_objects', kind='manifest'):.0f} manifests)"
         )
     lines.append(
         f"in flight     {total('pullthrough_downloads_in_flight'):.0f} downloads, "

@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from pullthrough.cache.digests import Digest
+from pullthrough.cache.layout import Layout
 from pullthrough.proxy.app import create_app
 from pullthrough.proxy.commands.stats import summarize
 from pullthrough.proxy.config import AccessRule
@@ -110,11 +112,26 @@ async def test_monolithic_push_then_pull_by_tag_and_digest_never_asks_upstream(
     resp = await client.get("/v2/myorg/other/blobs/" + digest_of(layer))
     assert resp.status == 404  # another repository does not hold it
     assert upstream.requests_since(mark) == []
+    resp = await push_manifest(client, "myorg/app", "v2", image_manifest(config, [b"never"]))
+    assert resp.status == 400  # MANIFEST_BLOB_UNKNOWN
     text = await (await client.get("/metrics")).text()
-    assert 'pullthrough_pushes_total{kind="blob"} 2.0' in text
-    assert 'pullthrough_pushes_total{kind="manifest"} 1.0' in text
+    assert 'pullthrough_pushes_total{kind="blob",result="ok"} 2.0' in text
+    assert 'pullthrough_pushes_total{kind="manifest",result="ok"} 1.0' in text
+    assert 'pullthrough_pushes_total{kind="manifest",result="invalid"} 1.0' in text
     assert f"pullthrough_pushed_bytes_total {float(len(config) + len(layer))}" in text
-    assert "pushes        2 blobs" in summarize(text)
+    # On disk: a manifest's file also records its media type.
+    layout = Layout(tmp_path / "cache")
+    files = [layout.blob(Digest.parse(digest_of(b))) for b in (config, layer)]
+    files.append(layout.manifest(Digest.parse(digest_of(manifest))))
+    stored = sum(f.stat().st_size for f in files)
+    assert f"pullthrough_hosted_size_bytes {float(stored)}" in text
+    assert 'pullthrough_hosted_objects{kind="blob"} 2.0' in text
+    assert 'pullthrough_hosted_objects{kind="manifest"} 1.0' in text
+    assert "pullthrough_hosted_repositories 1.0" in text
+    summary = summarize(text)
+    assert "pushes        2 blobs" in summary
+    assert "1 invalid" in summary
+    assert "hosted        " in summary
 
 
 async def test_chunked_upload_with_status_and_resume_after_a_rejected_chunk(
@@ -205,9 +222,10 @@ async def test_push_errors_answer_with_oci_codes(
     resp = await push_manifest(client, "myorg/e", "v1", missing)
     assert resp.status == 400
     assert await error_code(resp) == "MANIFEST_BLOB_UNKNOWN"
-    resp = await push_manifest(client, "myorg/e", "v1", b"not json")
-    assert resp.status == 400
-    assert await error_code(resp) == "MANIFEST_INVALID"
+    for hostile in (b"not json", b"[" * 100_000):  # the second: too deep for json.loads
+        resp = await push_manifest(client, "myorg/e", "v1", hostile)
+        assert resp.status == 400
+        assert await error_code(resp) == "MANIFEST_INVALID"
     resp = await client.put(
         "/v2/myorg/e/manifests/v1",
         data=image_manifest(b"{}", []),

@@ -341,6 +341,18 @@ async def test_stalled_upstream_with_nothing_cached_is_a_readable_503(
     assert detail == f"{upstream.host}:{upstream.port} did not answer in full within 1 s"
 
 
+async def test_a_manifest_nested_too_deeply_for_json_is_no_500(
+    fault: FaultRegistry, upstream: TestServer, aiohttp_client: Client, tmp_path: Path
+) -> None:
+    mirror = await make_mirror(aiohttp_client, upstream, tmp_path / "cache")
+    deep = b"[" * 100_000
+    fault.manifests["deep"] = ("application/json", deep)
+    async with mirror.get("/v2/library/app/manifests/deep") as resp:
+        # Not a manifest the mirror can tell apart: served as the bytes they are.
+        assert resp.status == 200
+        assert await resp.read() == deep
+
+
 async def test_a_manifest_body_that_stops_half_way_is_a_readable_503(
     fault: FaultRegistry,
     upstream: TestServer,

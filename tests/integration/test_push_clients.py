@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from pullthrough.cache.digests import Digest
+from pullthrough.cache.layout import Layout
+from pullthrough.proxy.console import human
 from tests.integration import test_clients
 from tests.integration.test_clients import (
     ALPINE,
@@ -22,9 +25,10 @@ from tests.integration.test_clients import (
     run,
     start_dockerd,
 )
+from tests.integration.test_metrics import scrape, value
 from tests.support import httpclient
 from tests.support.binaries import require_binary
-from tests.support.mirror import MirrorProcess
+from tests.support.mirror import MirrorProcess, run_cli
 from tests.support.registry import Registry
 from tests.support.skopeo import Skopeo, dir_blob_digests, dir_manifest
 
@@ -65,6 +69,48 @@ def test_skopeo_copies_into_a_hosted_repository_and_back_out(
     assert raw == image.top.data
     listing = json.loads(httpclient.request("GET", f"{mirror.url}/v2/_catalog").body)
     assert listing == {"repositories": ["golden/alpine"]}
+
+
+def test_a_skopeo_push_is_counted_and_the_hosted_storage_measured(
+    upstream: Registry, mirror: MirrorProcess, skopeo_cli: Skopeo
+) -> None:
+    image = upstream.images[ALPINE]  # an index: two platforms sharing a layer
+    skopeo_cli.copy(
+        f"docker://{upstream.host}/{image.ref}",
+        f"docker://{host(mirror)}/golden/alpine:3.19",
+        all_images=True,
+    )
+    # The same image again, to a second repository: its blobs are stored once.
+    skopeo_cli.copy(
+        f"docker://{host(mirror)}/golden/alpine:3.19",
+        f"docker://{host(mirror)}/myorg/alpine:copy",
+        all_images=True,
+    )
+    samples = scrape(mirror.url)  # two workers: the counts are both of theirs
+    manifests = len(image.manifests)
+    assert value(samples, "pullthrough_pushes_total", kind="manifest", result="ok") == (
+        2 * manifests
+    )
+    # Each blob uploaded once to the first repository; the second mounts (or
+    # uploads again) what is there already.
+    uploaded = value(samples, "pullthrough_pushes_total", kind="blob", result="ok")
+    mounted = value(samples, "pullthrough_pushes_total", kind="mount", result="ok")
+    assert uploaded + mounted == 2 * len(image.blobs)
+    blob_bytes = sum(b.size for b in image.blobs)
+    assert value(samples, "pullthrough_pushed_bytes_total") >= blob_bytes
+    assert value(samples, "pullthrough_hosted_repositories") == 2
+    assert value(samples, "pullthrough_hosted_objects", kind="blob") == len(image.blobs)
+    assert value(samples, "pullthrough_hosted_objects", kind="manifest") == manifests
+    layout = Layout(mirror.cache_dir)
+    on_disk = sum(layout.blob(Digest.parse(b.digest)).stat().st_size for b in image.blobs) + sum(
+        layout.manifest(Digest.parse(m.digest)).stat().st_size for m in image.manifests
+    )
+    assert value(samples, "pullthrough_hosted_size_bytes") == on_disk
+    stats = run_cli("stats", "--url", mirror.url, cache=mirror.cache_dir, upstream=upstream.url)
+    assert stats.returncode == 0, stats.stderr
+    out = stats.stdout
+    assert f"{manifests * 2} manifests" in out
+    assert f"hosted        {human(on_disk)} in 2 repositories" in out
 
 
 def test_podman_pushes_and_pulls_back(

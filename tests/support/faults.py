@@ -6,7 +6,8 @@ a bearer token and redirect blob downloads to a second origin (a "CDN") that
 records the headers it got. Hostile neighbours: a foreign token realm and an
 "internal" service that an upstream's redirects may point at, each recording what
 reached it; manifests and tag lists can be redirected too, and blob bodies can
-trickle or the whole upstream hang.
+trickle or the whole upstream hang. A referrers API, with or without filtering, is
+optional.
 """
 
 from __future__ import annotations
@@ -72,6 +73,15 @@ class FaultRegistry:
     token_auth: list[str | None] = field(default_factory=list)
     # Tokens the registry no longer takes (revoked, or expired early).
     rejected_tokens: set[str] = field(default_factory=set)
+    # A referrers API (None: none, 404 as distribution 2.8): by subject digest,
+    # the pages of its answer as sent (each but the last links to the next).
+    referrers: dict[str, list[bytes]] | None = None
+    # Filter by ?artifactType= and say so (OCI-Filters-Applied), or ignore it.
+    filters_applied: bool = False
+    # While set (and not yet released), referrers requests wait on it;
+    # `referrers_asked` is set as soon as one arrives.
+    referrers_gate: asyncio.Event | None = None
+    referrers_asked: asyncio.Event = field(default_factory=asyncio.Event)
 
     def add_blob(self, data: bytes) -> str:
         digest = digest_of(data)
@@ -95,6 +105,7 @@ class FaultRegistry:
         app.router.add_route("*", "/v2/{name:.+}/blobs/{digest}", self._blob)
         app.router.add_route("*", "/v2/{name:.+}/manifests/{ref}", self._manifest)
         app.router.add_get("/v2/{name:.+}/tags/list", self._tags)
+        app.router.add_get("/v2/{name:.+}/referrers/{digest}", self._referrers)
         return app
 
     async def _token(self, request: web.Request) -> web.Response:
@@ -151,6 +162,33 @@ class FaultRegistry:
         if self.redirect_tags_to is not None:
             raise web.HTTPFound(self.redirect_tags_to)
         return web.json_response({"name": request.match_info["name"], "tags": self.tags})
+
+    async def _referrers(self, request: web.Request) -> web.Response:
+        self._record(request)
+        refused = self._gate(request)
+        if refused is not None:
+            return refused
+        self.referrers_asked.set()
+        if self.referrers_gate is not None:
+            await self.referrers_gate.wait()
+        if self.referrers is None:
+            return web.Response(status=404, text="404 page not found\n")
+        pages = self.referrers.get(request.match_info["digest"], [b'{"manifests": []}'])
+        number = int(request.query.get("page", "0"))
+        body, headers = pages[number], {}
+        if number + 1 < len(pages):
+            # A first link too, as some registries send: only "next" is a page to follow.
+            first, following = f"{request.path}?page=0", f"{request.path}?page={number + 1}"
+            headers["Link"] = f'<{first}>; rel="first", <{following}>; rel=next'
+        wanted = request.query.get("artifactType")
+        if self.filters_applied and wanted is not None:
+            index = json.loads(body)
+            index["manifests"] = [m for m in index["manifests"] if m.get("artifactType") == wanted]
+            body = json.dumps(index).encode()
+            headers["OCI-Filters-Applied"] = "artifactType"
+        return web.Response(
+            body=body, content_type="application/vnd.oci.image.index.v1+json", headers=headers
+        )
 
     async def _manifest(self, request: web.Request) -> web.StreamResponse:
         self._record(request)

@@ -13,11 +13,15 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
+
+from pullthrough.metrics.activity import Activity
+from pullthrough.metrics.history import History
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -71,6 +75,10 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._multiprocess = MULTIPROCESS_ENV in os.environ
         self._cache_collector: _CacheCollector | None = None
+        # The status page's shared state sits beside the counters' files.
+        shared = Path(os.environ[MULTIPROCESS_ENV]) if self._multiprocess else None
+        self.activity = Activity(shared)
+        self.history = History(shared)
         self.requests = Counter(
             "pullthrough_requests",
             "Registry requests served, by kind (manifest, blob, tags) and result "
@@ -214,15 +222,25 @@ class Metrics:
     def watch_cache(self, measure: Callable[[], CacheUsage]) -> None:
         """Report the cache's size, measured by ``measure`` when scraped."""
         self._cache_collector = _CacheCollector(measure)
-        if not self._multiprocess:
-            self.registry.register(self._cache_collector)
 
-    def exposition(self) -> bytes:
-        """The text format; may walk the cache, so call it off the event loop."""
-        if not self._multiprocess:
-            return generate_latest(self.registry)
+    def exposition(self, *, cache: bool = True) -> bytes:
+        """The text format; may walk the cache (not with ``cache=False``), so
+        call it off the event loop."""
         registry = CollectorRegistry()
-        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        if self._cache_collector is not None:
+        if self._multiprocess:
+            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        else:
+            registry.register(_Collected(self.registry))
+        if cache and self._cache_collector is not None:
             registry.register(self._cache_collector)
         return generate_latest(registry)
+
+
+class _Collected(Collector):
+    """Another registry's metrics, as one collector of a registry made per scrape."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._registry.collect()

@@ -53,9 +53,9 @@ class _Published:
 
 
 class Activity:
-    def __init__(self, directory: Path | None = None) -> None:
+    def __init__(self, directory: Path | None = None, *, pid: int | None = None) -> None:
         self._directory = directory
-        self._pid = os.getpid()
+        self._pid = os.getpid() if pid is None else pid
         self._downloads: dict[int, Download] = {}
         self._errors: deque[LoggedError] = deque(maxlen=MAX_ERRORS)
         self._published: object = None

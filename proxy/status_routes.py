@@ -91,8 +91,15 @@ def _viewer(request: web.Request) -> tuple[Visible, bool]:
 
 
 def _may_pull_something(access: Access, user: str | None) -> bool:
+    """Does some rule let ``user`` pull? Rules after one matching everything
+    never decide, nor does the default rule then."""
     wanted = {ANONYMOUS} if user is None else {user, EVERY_USER}
-    return any(wanted & set(rule.pull) for rule in (*access.rights.rules, DEFAULT_RULE))
+    for rule in (*access.rights.rules, DEFAULT_RULE):
+        if wanted & set(rule.pull):
+            return True
+        if rule.upstream == "*" and rule.repository == "*":
+            return False
+    return False
 
 
 def _status(request: web.Request) -> Status:

@@ -4,21 +4,33 @@ real pulls through a mirror with two workers: what it shows against /metrics."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import re
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import bcrypt
+from aiohttp.test_utils import TestClient
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
 
+from pullthrough.cache import stores
+from pullthrough.cache.index import TagEntry, TagIndex
+from pullthrough.proxy.app import create_app
+from pullthrough.proxy.config import AccessRule
+from pullthrough.proxy.keys import METRICS
+from pullthrough.proxy.mirror import ANY_CLIENT
 from tests.integration.test_metrics import scrape, value
 from tests.support.browser import artifacts_dir, chromium, console_errors, run_script
-from tests.support.mirror import MirrorProcess
+from tests.support.faults import FaultRegistry
+from tests.support.images import ACCEPT_ALL_MANIFESTS
+from tests.support.mirror import MirrorProcess, settings_for
 from tests.support.registry import Registry
 from tests.support.skopeo import Skopeo
 
@@ -163,3 +175,142 @@ def test_page_shows_the_pulled_images_and_the_metrics_figures(
         assert "unsafe-inline" not in csp
     finally:
         mirror.stop()
+
+
+def entry(user: str, password: str) -> str:
+    hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()
+    return f"{user}:{hashed}"
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+HOSTILE = "x/<img src=x onerror=alert(1)>"
+
+
+async def test_the_page_is_behind_the_pull_rules_and_escapes_what_it_shows(
+    aiohttp_client: Any, upstream: Registry, tmp_path: Path
+) -> None:
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text(
+        "".join(f"{entry(u, u)}\n" for u in ("carol", "dave", "eve")), encoding="utf-8"
+    )
+    rules = (
+        AccessRule(repository="library/hello", pull=("carol",)),
+        AccessRule(repository="*", pull=("carol", "dave")),
+    )
+    cache = tmp_path / "cache"
+    app = create_app(settings_for(cache, upstream.url, htpasswd=htpasswd, access=rules))
+    client: TestClient[Any, Any] = await aiohttp_client(app)
+    for name in ("hello/manifests/latest", "alpine/manifests/3.19"):
+        headers = {**basic("carol", "carol"), "Accept": ACCEPT_ALL_MANIFESTS}
+        resp = await client.get(f"/v2/library/{name}", headers=headers)
+        assert resp.status == 200
+    # What no client can pull, but a damaged or hostile index could hold.
+    hello = upstream.images["library/hello:latest"]
+    tags = TagIndex(stores.index_dir(cache.resolve()))
+    try:
+        fresh = TagEntry(hello.digest, hello.top.media_type, time.time())
+        tags.put_sync("docker.io", HOSTILE, "t", ANY_CLIENT, fresh)
+    finally:
+        tags.close()
+    app[METRICS].activity.error("warning", "upstream said <script>alert(2)</script>")
+
+    # Anonymous clients may pull nothing here: a browser is asked to log in.
+    for path in ("/", "/status.json"):
+        resp = await client.get(path)
+        assert resp.status == 401
+        assert resp.headers["WWW-Authenticate"].startswith("Basic ")
+        assert (await resp.json())["errors"][0]["code"] == "UNAUTHORIZED"
+    # A user without any pull right is refused, as a pull of theirs would be.
+    resp = await client.get("/", headers=basic("eve", "eve"))
+    assert resp.status == 403
+    assert (await resp.json())["errors"][0]["code"] == "DENIED"
+
+    # Each user sees the images they may pull, and nothing of the others.
+    for user, expected in (
+        ("carol", {"library/hello:latest", "library/alpine:3.19", HOSTILE + ":t"}),
+        ("dave", {"library/alpine:3.19", HOSTILE + ":t"}),
+    ):
+        resp = await client.get("/status.json", headers=basic(user, user))
+        assert resp.status == 200
+        doc = await resp.json()
+        assert {r["image"].removeprefix("docker.io/") for r in doc["images"]["rows"]} == expected
+        page = await client.get("/", headers=basic(user, user))
+        assert page.status == 200
+        assert page.headers["Content-Security-Policy"].startswith("default-src 'none'")
+        html = await page.text()
+        assert ("library/hello:latest" in html) == (user == "carol")
+        # Shown, and only as text.
+        assert "x/&lt;img src=x onerror=alert(1)&gt;:t" in html
+        assert "<img" not in html
+        assert "upstream said &lt;script&gt;alert(2)&lt;/script&gt;" in html
+        assert "<script>" not in html
+
+
+async def test_anonymous_viewers_see_what_anonymous_pulls_get(
+    aiohttp_client: Any, upstream: Registry, tmp_path: Path
+) -> None:
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text(f"{entry('carol', 'carol')}\n", encoding="utf-8")
+    app = create_app(settings_for(tmp_path / "cache", upstream.url, htpasswd=htpasswd))
+    client: TestClient[Any, Any] = await aiohttp_client(app)
+    accept = {"Accept": ACCEPT_ALL_MANIFESTS}
+    resp = await client.get("/v2/library/hello/manifests/latest", headers=accept)
+    assert resp.status == 200  # the default rule: anonymous clients pull public content
+    app[METRICS].activity.error("warning", "something about a private repository")
+    resp = await client.get("/status.json")
+    assert resp.status == 200
+    doc = await resp.json()
+    assert [r["image"] for r in doc["images"]["rows"]] == ["docker.io/library/hello:latest"]
+    assert doc["errors"] is None  # log lines may name any repository: users only
+    html = await (await client.get("/")).text()
+    assert "something about a private repository" not in html
+    resp = await client.get("/status.json", headers=basic("carol", "carol"))
+    assert [e["message"] for e in (await resp.json())["errors"]] == [
+        "something about a private repository"
+    ]
+
+
+async def test_every_worker_shows_a_download_in_flight_with_its_progress(
+    aiohttp_server: Any, tmp_path: Path
+) -> None:
+    # An upstream that holds a blob half-sent: a download in flight for as
+    # long as the test needs (a real registry sends it all at once).
+    release = asyncio.Event()
+    fault = FaultRegistry(stall=release, stall_after=300_000)
+    blob = bytes(range(256)) * 4000
+    digest = fault.add_blob(blob)
+    server = await aiohttp_server(fault.app())
+    mirror = MirrorProcess(tmp_path / "cache", str(server.make_url("")).rstrip("/"), workers=2)
+    await asyncio.to_thread(mirror.start)
+    connector = aiohttp.TCPConnector(force_close=True)  # spread over both workers
+    try:
+        async with aiohttp.ClientSession(connector=connector) as session:
+            pull = asyncio.create_task(session.get(f"{mirror.url}/v2/app/blobs/{digest}"))
+
+            async def downloads() -> list[dict[str, Any]]:
+                async with session.get(f"{mirror.url}/status.json") as resp:
+                    shown: list[dict[str, Any]] = (await resp.json())["downloads"]
+                    return shown
+
+            deadline = time.monotonic() + 10
+            while [d["received"] for d in await downloads()] != [300_000]:
+                assert time.monotonic() < deadline, "the download was never shown"
+                await asyncio.sleep(0.1)
+            # Published within a second by whichever worker runs it, read by both.
+            await asyncio.sleep(1.5)
+            for _ in range(8):
+                [shown] = await downloads()
+                assert (shown["digest"], shown["repository"]) == (digest, "library/app")
+                assert (shown["received"], shown["size"]) == (300_000, len(blob))
+            release.set()
+            resp = await pull
+            assert await resp.read() == blob
+            deadline = time.monotonic() + 10
+            while any([await downloads() for _ in range(4)]):
+                assert time.monotonic() < deadline, "a finished download is still shown"
+                await asyncio.sleep(0.2)
+    finally:
+        await asyncio.to_thread(mirror.stop)

@@ -1,0 +1,144 @@
+"""The status page's shared state: the last-hour history and the table of
+downloads and errors, as several worker processes see them through one directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pullthrough.metrics import Metrics
+from pullthrough.metrics.activity import PREFIX, Activity, ErrorLog
+from pullthrough.metrics.history import FILE, History, Point
+from pullthrough.metrics.summary import summarize
+from pullthrough.proxy.commands.stats import summarize as stats_text
+
+
+def at(t: float, hits: float = 0, answered: float = 0) -> Point:
+    return Point(t, hits, answered, hits * 10, (answered - hits) * 10)
+
+
+def test_workers_offering_the_same_minute_keep_one_point(tmp_path: Path) -> None:
+    first, second = History(tmp_path), History(tmp_path)
+    assert first.offer(at(1000.0))
+    assert not second.offer(at(1010.0, 1, 2))  # the same minute, from another worker
+    assert second.offer(at(1060.0, 3, 4))
+    assert not first.offer(at(1070.0, 5, 6))
+    assert first.points() == second.points() == [at(1000.0), at(1060.0, 3, 4)]
+
+
+def test_the_window_is_the_last_hour_and_ends_with_now(tmp_path: Path) -> None:
+    history = History(tmp_path)
+    for minute in range(90):
+        history.offer(at(60.0 * minute, minute, 2 * minute))
+    now = at(60.0 * 90, 90, 180)
+    window = history.window(now)
+    assert window[0].time == 60.0 * 30
+    assert window[-1] == now
+    hour = now.minus(window[0])
+    assert (hour.time, hour.hits, hour.answered) == (3600.0, 60, 120)
+    # Kept a little longer than the window, no more.
+    assert len(history.points()) <= 63
+
+
+def test_an_unreadable_history_starts_again(tmp_path: Path) -> None:
+    (tmp_path / FILE).write_text("{not json")
+    history = History(tmp_path)
+    assert history.points() == []
+    assert history.offer(at(5.0))
+    assert history.points() == [at(5.0)]
+
+
+def test_without_a_directory_the_history_is_in_memory() -> None:
+    history = History(None)
+    assert history.offer(at(0.0))
+    assert not history.offer(at(1.0))
+    assert history.points() == [at(0.0)]
+
+
+def test_downloads_and_errors_of_live_workers_are_gathered(tmp_path: Path) -> None:
+    mine = Activity(tmp_path)
+    with mine.download("docker.io", "library/alpine", "sha256:aa") as download:
+        download.size = 100
+        download.add(40)
+        mine.error("warning", "mine")
+        mine.publish()
+        # Another live worker's table (this test's parent process stands for it),
+        # and one of a worker that is gone.
+        other = {
+            "downloads": [
+                {
+                    "upstream": "ghcr.io",
+                    "repository": "o/app",
+                    "digest": "sha256:bb",
+                    "started": 1.0,
+                    "size": None,
+                    "received": 7,
+                }
+            ],
+            "errors": [{"time": 2.0, "level": "error", "message": "theirs"}],
+        }
+        (tmp_path / f"{PREFIX}{os.getppid()}.json").write_text(json.dumps(other))
+        dead = subprocess.run(
+            [sys.executable, "-c", "import os; print(os.getpid())"],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        (tmp_path / f"{PREFIX}{dead.stdout.strip()}.json").write_text(json.dumps(other))
+        (tmp_path / f"{PREFIX}junk.json").write_text("[")
+
+        # What a third worker shows.
+        downloads, errors = Activity(tmp_path, pid=os.getpid() + 1).gather()
+        assert [(d.digest, d.received, d.size) for d in downloads] == [
+            ("sha256:bb", 7, None),
+            ("sha256:aa", 40, 100),
+        ]
+        assert [e.message for e in errors] == ["mine", "theirs"]
+    mine.publish()
+    downloads, _ = mine.gather()
+    assert [d.digest for d in downloads] == ["sha256:bb"]  # ours ended
+    mine.withdraw()
+    assert not (tmp_path / f"{PREFIX}{os.getpid()}.json").exists()
+
+
+def test_warnings_logged_are_kept_and_cut(tmp_path: Path) -> None:
+    activity = Activity()
+    logger = logging.getLogger("pullthrough.test-status")
+    handler = ErrorLog(activity)
+    logger.addHandler(handler)
+    try:
+        logger.info("not kept")
+        logger.warning("upstream %s: %d of %d pulls left", "docker.io", 3, 100)
+        logger.error("x" * 2000)
+    finally:
+        logger.removeHandler(handler)
+    _, errors = activity.gather()
+    assert [(e.level, e.message[:30]) for e in errors] == [
+        ("error", "x" * 30),
+        ("warning", "upstream docker.io: 3 of 100 p"),
+    ]
+    assert len(errors[0].message) == 500
+
+
+def test_stats_prints_the_figures_the_page_shows() -> None:
+    metrics = Metrics()
+    metrics.requests.labels("blob", "hit").inc(3)
+    metrics.requests.labels("blob", "prefetched").inc(1)
+    metrics.requests.labels("manifest", "miss").inc(2)
+    metrics.requests.labels("manifest", "error").inc(5)
+    metrics.served_bytes.labels("cache").inc(3 << 20)
+    metrics.ratelimit_limit.labels("docker.io").set(100)
+    metrics.ratelimit_remaining.labels("docker.io").set(42)
+    text = metrics.exposition().decode()
+    figures = summarize(text)
+    assert (figures.hits, figures.answered) == (3, 6)  # errors are not answers
+    assert figures.hit_ratio == 0.5
+    assert figures.requests["blob"].miss == 1  # a read-ahead download is a miss
+    printed = stats_text(text)
+    assert "hit ratio     50.0% (3 of 6 answered from cache)" in printed
+    assert "bytes saved   3.0 MiB served from cache" in printed
+    assert "rate limit    42 of 100 pulls left (docker.io)" in printed

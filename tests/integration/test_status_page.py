@@ -66,7 +66,7 @@ def visible_images(rows: list[WebElement]) -> list[str]:
 def test_page_shows_the_pulled_images_and_the_metrics_figures(
     upstream: Registry, skopeo_cli: Skopeo, tmp_path: Path
 ) -> None:
-    mirror = MirrorProcess(tmp_path / "cache", upstream.url, workers=2)
+    mirror = MirrorProcess(tmp_path / "cache", upstream.url, workers=2, args=("--max-size=64KiB",))
     mirror.start()
     try:
         host = mirror.url.removeprefix("http://")
@@ -107,6 +107,8 @@ def test_page_shows_the_pulled_images_and_the_metrics_figures(
         assert not images["docker.io/library/hello:latest"]["partial"]
         assert not any(r["pinned"] for r in images.values())
         assert doc["upstreams"][0]["state"] == "reachable"
+        assert doc["cache"]["max_size"] == 64 * 1024
+        assert doc["cache"]["used"] == doc["cache"]["bytes"] / (64 * 1024)
         saved = value(scrape(mirror.url), "pullthrough_served_bytes_total", source="cache")
         assert doc["since_start"]["saved_bytes"] == saved > 0
 
@@ -122,9 +124,24 @@ def test_page_shows_the_pulled_images_and_the_metrics_figures(
         with chromium(tmp_path / "chromium", width=DESKTOP[0], height=DESKTOP[1]) as browser:
             browser.get(mirror.url + "/")
             assert browser.find_element(By.ID, "hit-ratio").text == ratio
+            shown = {
+                k: browser.find_element(By.ID, k).text
+                for k in ("hit-ratio", "saved", "cache-bytes")
+            }
+            now = scrape(mirror.url)
+            from_cache = value(now, "pullthrough_served_bytes_total", source="cache")
+            print(
+                f"page: {shown}; /metrics: hits {hits:.0f} of {answered:.0f} = {ratio}, "
+                f"served from cache {from_cache:.0f} B, "
+                f"cache {value(now, 'pullthrough_cache_size_bytes'):.0f} B"
+            )
             rows = browser.find_elements(By.CSS_SELECTOR, "#images tbody tr")
             assert sorted(visible_images(rows)) == sorted(images)
             browser.save_screenshot(str(shots / "status-desktop.png"))
+            height = run_script(browser, "return document.documentElement.scrollHeight")
+            assert isinstance(height, int)
+            browser.set_window_size(DESKTOP[0], height + 120)
+            browser.save_screenshot(str(shots / "status-desktop-full.png"))
 
             browser.find_element(By.ID, "search").send_keys("alp")
             assert visible_images(rows) == ["docker.io/library/alpine:3.19"]

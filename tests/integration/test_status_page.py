@@ -290,6 +290,16 @@ async def test_anonymous_viewers_see_what_anonymous_pulls_get(
     ]
 
 
+def screenshot_download(url: str, profile: Path) -> None:
+    with chromium(profile, width=PHONE[0], height=PHONE[1]) as browser:
+        browser.get(url + "/")
+        bar = browser.find_element(By.CSS_SELECTOR, ".downloads progress")
+        assert (bar.get_attribute("value"), bar.get_attribute("max")) == ("300000", "1024000")
+        browser.execute_script("arguments[0].scrollIntoView()", bar)  # type: ignore[no-untyped-call]
+        browser.save_screenshot(str(artifacts_dir() / "status-phone-download.png"))
+        assert console_errors(browser) == []
+
+
 async def test_every_worker_shows_a_download_in_flight_with_its_progress(
     aiohttp_server: Any, tmp_path: Path
 ) -> None:
@@ -297,6 +307,8 @@ async def test_every_worker_shows_a_download_in_flight_with_its_progress(
     # long as the test needs (a real registry sends it all at once).
     release = asyncio.Event()
     fault = FaultRegistry(stall=release, stall_after=300_000)
+    # Docker Hub's allowance, as it sends it with every pull.
+    fault.extra_headers = {"ratelimit-limit": "100;w=21600", "ratelimit-remaining": "42;w=21600"}
     blob = bytes(range(256)) * 4000
     digest = fault.add_blob(blob)
     server = await aiohttp_server(fault.app())
@@ -322,6 +334,14 @@ async def test_every_worker_shows_a_download_in_flight_with_its_progress(
                 [shown] = await downloads()
                 assert (shown["digest"], shown["repository"]) == (digest, "library/app")
                 assert (shown["received"], shown["size"]) == (300_000, len(blob))
+            # The pulls left, as the worker that saw them recorded them, on every page.
+            for _ in range(4):
+                async with session.get(f"{mirror.url}/status.json") as resp:
+                    [up] = (await resp.json())["upstreams"]
+                assert (up["ratelimit_remaining"], up["ratelimit_limit"]) == (42, 100)
+                async with session.get(f"{mirror.url}/") as resp:
+                    assert "42 of 100" in await resp.text()
+            await asyncio.to_thread(screenshot_download, mirror.url, tmp_path / "chromium")
             release.set()
             resp = await pull
             assert await resp.read() == blob

@@ -51,6 +51,8 @@ def chromium(profile: Path, *, width: int = 1280, height: int = 900) -> Iterator
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(options=options, service=Service(executable_path=driver_path))
     try:
+        # --window-size has a floor (500 px wide) that this call has not.
+        driver.set_window_size(width, height)
         yield driver
     finally:
         driver.quit()

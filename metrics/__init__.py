@@ -10,9 +10,8 @@ worker answers it, reports the sum over all of them.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -22,6 +21,7 @@ from prometheus_client.registry import Collector
 
 from pullthrough.metrics.activity import Activity
 from pullthrough.metrics.history import History
+from pullthrough.metrics.shared import Shared
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -37,22 +37,26 @@ class CacheUsage:
 
 
 class _CacheCollector(Collector):
-    """Cache size, measured at scrape time (at most every ``max_age`` seconds)."""
+    """Cache size, measured at scrape time (at most every ``max_age`` seconds,
+    by one of the workers for all of them)."""
 
-    def __init__(self, measure: Callable[[], CacheUsage], max_age: float = 30.0) -> None:
-        self._measure = measure
-        self._max_age = max_age
-        self._last: tuple[float, CacheUsage] | None = None
+    def __init__(
+        self, measure: Callable[[], CacheUsage], shared: Path | None, max_age: float = 30.0
+    ) -> None:
+        self.usage = Shared(
+            None if shared is None else shared / "cache-usage.json",
+            max_age,
+            measure,
+            dump=asdict,
+            load=lambda raw: CacheUsage(**raw),
+        )
 
     def describe(self) -> Iterator[Metric]:
         # Registering calls describe(), or collect() without it: measure on scrapes only.
         return self._families(None)
 
     def collect(self) -> Iterator[Metric]:
-        now = time.monotonic()
-        if self._last is None or now - self._last[0] > self._max_age:
-            self._last = (now, self._measure())
-        return self._families(self._last[1])
+        return self._families(self.usage.get()[1])
 
     @staticmethod
     def _families(usage: CacheUsage | None) -> Iterator[Metric]:
@@ -76,9 +80,9 @@ class Metrics:
         self._multiprocess = MULTIPROCESS_ENV in os.environ
         self._cache_collector: _CacheCollector | None = None
         # The status page's shared state sits beside the counters' files.
-        shared = Path(os.environ[MULTIPROCESS_ENV]) if self._multiprocess else None
-        self.activity = Activity(shared)
-        self.history = History(shared)
+        self.shared_dir = Path(os.environ[MULTIPROCESS_ENV]) if self._multiprocess else None
+        self.activity = Activity(self.shared_dir)
+        self.history = History(self.shared_dir)
         self.requests = Counter(
             "pullthrough_requests",
             "Registry requests served, by kind (manifest, blob, tags) and result "
@@ -221,7 +225,7 @@ class Metrics:
 
     def watch_cache(self, measure: Callable[[], CacheUsage]) -> None:
         """Report the cache's size, measured by ``measure`` when scraped."""
-        self._cache_collector = _CacheCollector(measure)
+        self._cache_collector = _CacheCollector(measure, self.shared_dir)
 
     def exposition(self, *, cache: bool = True) -> bytes:
         """The text format; may walk the cache (not with ``cache=False``), so

@@ -111,7 +111,10 @@ class Activity:
         if self._directory is not None:
             for path in self._directory.glob(f"{PREFIX}*.json"):
                 pid = path.name.removeprefix(PREFIX).removesuffix(".json")
-                if pid == str(self._pid) or not _alive(pid):
+                if pid == str(self._pid):
+                    continue
+                if not _alive(pid):  # a worker that died; the server started another
+                    path.unlink(missing_ok=True)
                     continue
                 with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
                     raw = json.loads(path.read_bytes())

@@ -62,7 +62,7 @@ async def _serve_mirrors(app: web.Application) -> AsyncIterator[None]:
             return CacheUsage(*(sum(c[i] for c in counts) for i in range(3)))
 
         metrics.watch_cache(usage)
-        app[status.IMAGES] = status.ImageList(resources.images)
+        app[status.IMAGES] = status.ImageList(resources.images, metrics.shared_dir)
         hosted = None
         if settings.hosted:
             hosted = _open_hosted(settings)

@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import cast
 
 from aiohttp import web
@@ -27,6 +28,7 @@ from pullthrough.cache.listing import ImageRow, list_images
 from pullthrough.metrics import Metrics
 from pullthrough.metrics.activity import ErrorLog, LoggedError
 from pullthrough.metrics.history import SAMPLE_SECONDS, Point
+from pullthrough.metrics.shared import Shared
 from pullthrough.metrics.summary import Summary, summarize
 from pullthrough.proxy.config import Settings
 from pullthrough.proxy.images import CachedImages
@@ -48,24 +50,30 @@ def point(summary: Summary, when: float) -> Point:
 
 
 class ImageList:
-    """The cached images, listed again once the last listing is ``max_age`` old."""
+    """The cached images, listed again once the last listing is ``max_age`` old
+    (by one worker for all, with a ``shared`` directory)."""
 
-    def __init__(self, images: CachedImages, max_age: float = IMAGES_MAX_AGE) -> None:
+    def __init__(
+        self, images: CachedImages, shared: Path | None, max_age: float = IMAGES_MAX_AGE
+    ) -> None:
         self._images = images
-        self._max_age = max_age
-        self._last: tuple[float, list[ImageRow]] | None = None
+        self._listing = Shared(
+            None if shared is None else shared / "status-images.json",
+            max_age,
+            self._list,
+            dump=lambda rows: [asdict(r) for r in rows],
+            load=lambda raw: [ImageRow(**r | {"platforms": tuple(r["platforms"])}) for r in raw],
+        )
         self._lock = asyncio.Lock()
+
+    def _list(self) -> list[ImageRow]:
+        images = self._images
+        return list_images(images.tags, images.layouts, images.shared, images.pins())
 
     async def rows(self) -> tuple[float, list[ImageRow]]:
         """(when listed, rows)."""
         async with self._lock:  # one walk at a time, shared by concurrent pages
-            if self._last is None or time.time() - self._last[0] > self._max_age:
-                images = self._images
-                rows = await asyncio.to_thread(
-                    list_images, images.tags, images.layouts, images.shared, images.pins()
-                )
-                self._last = (time.time(), rows)
-            return self._last
+            return await asyncio.to_thread(self._listing.get)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,9 +92,12 @@ class Status:
         self.mirrors = mirrors
         self.images = images
 
-    async def document(self, visible: Visible, *, errors: bool = True) -> dict[str, object]:
+    async def document(
+        self, visible: Visible, *, errors: bool = True, images: bool = True
+    ) -> dict[str, object]:
         """Everything the page shows, as JSON; repositories ``visible`` refuses
-        are left out, and the logged errors unless ``errors``."""
+        are left out, and the logged errors unless ``errors``, and the cached
+        images unless ``images``."""
         text = await asyncio.to_thread(self.metrics.exposition)
         now = time.time()
         summary = summarize(text.decode())
@@ -107,8 +118,15 @@ class Status:
             for m, state in zip(mirrors, states, strict=True)
         ]
         downloads, logged = await asyncio.to_thread(self.metrics.activity.gather)
-        listed_at, rows = await self.images.rows()
-        shown = [r for r in rows if visible(*_split(r.image))]
+        listing = None
+        if images:
+            listed_at, rows = await self.images.rows()
+            shown = [r for r in rows if visible(*_split(r.image))]
+            listing = {
+                "listed_at": listed_at,
+                "count": len(shown),
+                "rows": [_image(r) for r in shown[:MAX_IMAGES]],
+            }
         max_size = self.settings.max_size
         return {
             "time": now,
@@ -137,11 +155,7 @@ class Status:
                 "max_size": max_size,
                 "used": summary.cache_bytes / max_size if max_size else None,
             },
-            "images": {
-                "listed_at": listed_at,
-                "count": len(shown),
-                "rows": [_image(r) for r in shown[:MAX_IMAGES]],
-            },
+            "images": listing,
             "errors": _grouped(logged) if errors else None,
         }
 

@@ -20,7 +20,7 @@ from aiohttp import web
 from pullthrough.proxy.access import ACCESS, DEFAULT_RULE, USER, Access
 from pullthrough.proxy.config import ANONYMOUS, EVERY_USER
 from pullthrough.proxy.console import human
-from pullthrough.proxy.errors import Denied, RegistryError
+from pullthrough.proxy.errors import Denied, Unauthorized
 from pullthrough.proxy.keys import METRICS, MIRRORS, SETTINGS
 from pullthrough.proxy.status import IMAGES, Status, Visible, running
 
@@ -38,12 +38,6 @@ ASSETS = {
     "status.js": "text/javascript",
     "favicon.svg": "image/svg+xml",
 }
-# Browsers prompt for a user name and password on this challenge (not on Bearer).
-BROWSER_CHALLENGE = 'Basic realm="pullthrough", charset="UTF-8"'
-
-
-class LoginRequired(RegistryError):
-    code, status, message = "UNAUTHORIZED", 401, "authentication required"
 
 
 def _environment() -> jinja2.Environment:
@@ -73,10 +67,8 @@ def _viewer(request: web.Request) -> tuple[Visible, bool]:
     user = request.get(USER)
     if not _may_pull_something(access, user):
         if user is None:
-            raise LoginRequired(
-                "log in with the mirror's user name and password",
-                headers={"WWW-Authenticate": BROWSER_CHALLENGE},
-            )
+            # The authenticate middleware makes its challenge one a browser answers.
+            raise Unauthorized("log in with the mirror's user name and password")
         raise Denied({"action": "pull", "reason": "no pull right on any repository"})
     rights, credentialed = access.rights, access.credentialed
 
@@ -108,8 +100,11 @@ def _status(request: web.Request) -> Status:
 
 
 async def page(request: web.Request) -> web.Response:
+    """The page; ``?part=live`` leaves out the images list (the script's refresh
+    takes the rest)."""
     visible, errors = _viewer(request)
-    doc = await _status(request).document(visible, errors=errors)
+    live = request.query.get("part") == "live"
+    doc = await _status(request).document(visible, errors=errors, images=not live)
     metrics_here = request.app[SETTINGS].metrics_listen is None
     html = (
         request.app[TEMPLATES]

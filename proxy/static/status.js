@@ -44,7 +44,7 @@
   // search and order (it changes at most every 30 seconds anyway).
   async function refresh() {
     try {
-      const response = await fetch(window.location.pathname, { credentials: "same-origin" });
+      const response = await fetch("/?part=live", { credentials: "same-origin" });
       if (!response.ok) return;
       const fresh = new DOMParser().parseFromString(await response.text(), "text/html");
       const live = fresh.getElementById("live");
@@ -56,4 +56,5 @@
     }
   }
   window.setInterval(refresh, 10000);
+  window.pullthroughRefresh = refresh; // for tests: refresh now
 })();

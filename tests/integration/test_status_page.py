@@ -160,6 +160,16 @@ def test_page_shows_the_pulled_images_and_the_metrics_figures(
             sizes = [int(r.get_attribute("data-size") or 0) for r in rows]
             assert sizes == sorted(sizes, reverse=True)
 
+            # Another pull; the script's refresh shows it without a reload.
+            skopeo_cli.copy(f"docker://{host}/hello:latest", f"dir:{tmp_path / 'again'}")
+            hits, answered = metrics_hit_ratio(mirror.url)
+            ratio = f"{100 * hits / answered:.1f}%"
+            browser.execute_async_script("window.pullthroughRefresh().then(arguments[0])")
+            assert browser.find_element(By.ID, "hit-ratio").text == ratio
+            counts = browser.find_element(By.ID, "hit-counts").text
+            assert counts.startswith(f"{hits:.0f} of {answered:.0f} ")
+            assert browser.find_element(By.ID, "search").get_attribute("value") == " "
+
             browser.set_window_size(*PHONE)
             browser.get(mirror.url + "/")
             # Nothing wider than the phone's screen but the tables' own scroll boxes.
@@ -240,6 +250,10 @@ async def test_the_page_is_behind_the_pull_rules_and_escapes_what_it_shows(
         assert resp.status == 401
         assert resp.headers["WWW-Authenticate"].startswith("Basic ")
         assert (await resp.json())["errors"][0]["code"] == "UNAUTHORIZED"
+    # A wrong password: asked again (a Bearer challenge would leave a browser stuck).
+    resp = await client.get("/", headers=basic("carol", "wrong"))
+    assert resp.status == 401
+    assert resp.headers["WWW-Authenticate"].startswith("Basic ")
     # A user without any pull right is refused, as a pull of theirs would be.
     resp = await client.get("/", headers=basic("eve", "eve"))
     assert resp.status == 403

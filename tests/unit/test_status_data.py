@@ -13,6 +13,7 @@ from pathlib import Path
 from pullthrough.metrics import Metrics
 from pullthrough.metrics.activity import PREFIX, Activity, ErrorLog
 from pullthrough.metrics.history import FILE, History, Point
+from pullthrough.metrics.shared import Shared
 from pullthrough.metrics.summary import summarize
 from pullthrough.proxy.commands.stats import summarize as stats_text
 
@@ -82,13 +83,13 @@ def test_downloads_and_errors_of_live_workers_are_gathered(tmp_path: Path) -> No
             "errors": [{"time": 2.0, "level": "error", "message": "theirs"}],
         }
         (tmp_path / f"{PREFIX}{os.getppid()}.json").write_text(json.dumps(other))
-        dead = subprocess.run(
+        gone = subprocess.run(
             [sys.executable, "-c", "import os; print(os.getpid())"],
             check=True,
             capture_output=True,
             text=True,
-        )
-        (tmp_path / f"{PREFIX}{dead.stdout.strip()}.json").write_text(json.dumps(other))
+        ).stdout.strip()
+        (tmp_path / f"{PREFIX}{gone}.json").write_text(json.dumps(other))
         (tmp_path / f"{PREFIX}junk.json").write_text("[")
 
         # What a third worker shows.
@@ -98,6 +99,7 @@ def test_downloads_and_errors_of_live_workers_are_gathered(tmp_path: Path) -> No
             ("sha256:aa", 40, 100),
         ]
         assert [e.message for e in errors] == ["mine", "theirs"]
+        assert not (tmp_path / f"{PREFIX}{gone}.json").exists()  # cleared away
     mine.publish()
     downloads, _ = mine.gather()
     assert [d.digest for d in downloads] == ["sha256:bb"]  # ours ended
@@ -142,3 +144,24 @@ def test_stats_prints_the_figures_the_page_shows() -> None:
     assert "hit ratio     50.0% (3 of 6 answered from cache)" in printed
     assert "bytes saved   3.0 MiB served from cache" in printed
     assert "rate limit    42 of 100 pulls left (docker.io)" in printed
+
+
+def test_a_shared_measurement_is_taken_by_one_worker_for_all(tmp_path: Path) -> None:
+    taken: list[str] = []
+
+    def measure(worker: str) -> Shared[int]:
+        def take() -> int:
+            taken.append(worker)
+            return len(taken)
+
+        return Shared(tmp_path / "m.json", 30.0, take, dump=int, load=int)
+
+    first, second = measure("first"), measure("second")
+    at, value = first.get()
+    assert second.get() == (at, value) == first.get()
+    assert taken == ["first"]
+    # Too old: whoever asks next measures again, for both.
+    (tmp_path / "m.json").write_text(json.dumps({"at": at - 31, "value": 1}))
+    assert second.get()[1] == 2
+    assert first.get()[1] == 2
+    assert taken == ["first", "second"]

@@ -33,6 +33,7 @@ from pullthrough.metrics.summary import Summary, summarize
 from pullthrough.proxy.config import Settings
 from pullthrough.proxy.images import CachedImages
 from pullthrough.proxy.mirror import Mirrors
+from pullthrough.proxy.ratelog import ThrottledLog
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +194,7 @@ async def running(metrics: Metrics) -> AsyncIterator[None]:
     the shared history each minute, publish this worker's downloads each second."""
     handler = ErrorLog(metrics.activity)
     logging.getLogger("pullthrough").addHandler(handler)
+    warn = ThrottledLog(log, interval=300.0)  # a read-only directory: not every second
 
     async def sample() -> None:
         while True:
@@ -201,7 +203,7 @@ async def running(metrics: Metrics) -> AsyncIterator[None]:
                 summary = summarize(text.decode())
                 await asyncio.to_thread(metrics.history.offer, point(summary, time.time()))
             except OSError as exc:
-                log.warning("cannot record the status page's history: %s", exc)
+                warn.warning("history", "cannot record the status page's history: %s", exc)
             await asyncio.sleep(SAMPLE_SECONDS)
 
     async def publish() -> None:
@@ -209,7 +211,7 @@ async def running(metrics: Metrics) -> AsyncIterator[None]:
             try:
                 await asyncio.to_thread(metrics.activity.publish)
             except OSError as exc:
-                log.warning("cannot publish this worker's downloads: %s", exc)
+                warn.warning("publish", "cannot publish this worker's downloads: %s", exc)
             await asyncio.sleep(PUBLISH_SECONDS)
 
     tasks = [asyncio.create_task(sample()), asyncio.create_task(publish())]

@@ -133,7 +133,8 @@ def test_page_shows_the_pulled_images_and_the_metrics_figures(
             print(
                 f"page: {shown}; /metrics: hits {hits:.0f} of {answered:.0f} = {ratio}, "
                 f"served from cache {from_cache:.0f} B, "
-                f"cache {value(now, 'pullthrough_cache_size_bytes'):.0f} B"
+                f"cache {value(now, 'pullthrough_cache_size_bytes'):.0f} B; "
+                f"stats: {stats.splitlines()[1]!r}"
             )
             rows = browser.find_elements(By.CSS_SELECTOR, "#images tbody tr")
             assert sorted(visible_images(rows)) == sorted(images)

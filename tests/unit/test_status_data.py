@@ -16,6 +16,7 @@ from pullthrough.metrics.history import FILE, History, Point
 from pullthrough.metrics.shared import Shared
 from pullthrough.metrics.summary import summarize
 from pullthrough.proxy.commands.stats import summarize as stats_text
+from pullthrough.proxy.status_routes import CHART_HEIGHT, CHART_WIDTH, chart
 
 
 def at(t: float, hits: float = 0, answered: float = 0) -> Point:
@@ -93,7 +94,7 @@ def test_downloads_and_errors_of_live_workers_are_gathered(tmp_path: Path) -> No
         (tmp_path / f"{PREFIX}junk.json").write_text("[")
 
         # What a third worker shows.
-        downloads, errors = Activity(tmp_path, pid=os.getpid() + 1).gather()
+        downloads, errors = Activity(tmp_path, pid=-1).gather()
         assert [(d.digest, d.received, d.size) for d in downloads] == [
             ("sha256:bb", 7, None),
             ("sha256:aa", 40, 100),
@@ -165,3 +166,32 @@ def test_a_shared_measurement_is_taken_by_one_worker_for_all(tmp_path: Path) -> 
     assert second.get()[1] == 2
     assert first.get()[1] == 2
     assert taken == ["first", "second"]
+
+
+def test_the_chart_puts_an_hour_of_minutes_side_by_side() -> None:
+    now = 10_000.0
+    points = [
+        {
+            "hits": m,
+            "answered": 60,
+            "saved_bytes": 100.0 * m,
+            "upstream_bytes": 50.0,
+            "end": now - (59 - m) * 60,
+        }
+        for m in range(60)
+    ]
+    drawn = chart({"time": now, "history": {"points": points}})
+    bars = drawn["bars"]
+    assert len(bars) == 60
+    assert [b["x"] for b in bars] == sorted(b["x"] for b in bars)
+    assert bars[0]["x"] >= 0
+    assert bars[-1]["x"] + bars[-1]["width"] <= CHART_WIDTH
+    tallest = max(bars, key=lambda b: b["cached"] + b["fetched"])
+    assert tallest is bars[-1]
+    assert tallest["cached"] + tallest["fetched"] == CHART_HEIGHT
+    assert tallest["fetched_y"] == 0
+    # The hit ratio: a step per minute, from 0 (bottom) rising.
+    ys = [float(pair.split(",")[1]) for pair in drawn["line"].split()]
+    assert ys[0] == CHART_HEIGHT
+    assert ys == sorted(ys, reverse=True)
+    assert chart({"time": now, "history": {"points": []}})["bars"] == []

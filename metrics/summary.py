@@ -10,8 +10,12 @@ from dataclasses import asdict, dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
-KINDS = ("manifest", "blob", "tags")
+KINDS = ("manifest", "blob", "tags", "referrers")
 RESULTS = ("hit", "miss", "prefetched", "stale", "error")
+PUSH_KINDS = ("blob", "mount", "manifest", "delete")
+# Pushes that failed, by result (a server that counts pushes without a result
+# label counts only those that worked).
+PUSH_FAILURES = ("denied", "invalid", "error")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +39,14 @@ class RateLimit:
 
 
 @dataclass(frozen=True, slots=True)
+class Hosted:
+    size_bytes: float
+    blobs: float
+    manifests: float
+    repositories: float
+
+
+@dataclass(frozen=True, slots=True)
 class Summary:
     requests: dict[str, KindCounts] = field(default_factory=dict)
     hits: float = 0  # answered from the cache (stale answers included)
@@ -48,8 +60,10 @@ class Summary:
     cache_bytes: float = 0
     cache_blobs: float = 0
     cache_manifests: float = 0
-    pushes: dict[str, float] = field(default_factory=dict)
+    pushes: dict[str, float] = field(default_factory=dict)  # that worked, by kind
+    push_failures: dict[str, float] = field(default_factory=dict)  # by result
     pushed_bytes: float = 0
+    hosted: Hosted | None = None  # None: the server hosts no repositories
     in_flight: float = 0
     coalesced: float = 0
 
@@ -119,9 +133,20 @@ def summarize(text: str) -> Summary:
         cache_blobs=total("pullthrough_cache_objects", kind="blob"),
         cache_manifests=total("pullthrough_cache_objects", kind="manifest"),
         pushes={
-            k: total("pullthrough_pushes_total", kind=k) for k in ("blob", "mount", "manifest")
+            k: total("pullthrough_pushes_total", kind=k)
+            - sum(total("pullthrough_pushes_total", kind=k, result=r) for r in PUSH_FAILURES)
+            for k in PUSH_KINDS
         },
+        push_failures={r: total("pullthrough_pushes_total", result=r) for r in PUSH_FAILURES},
         pushed_bytes=total("pullthrough_pushed_bytes_total"),
+        hosted=Hosted(
+            total("pullthrough_hosted_size_bytes"),
+            total("pullthrough_hosted_objects", kind="blob"),
+            total("pullthrough_hosted_objects", kind="manifest"),
+            total("pullthrough_hosted_repositories"),
+        )
+        if "pullthrough_hosted_repositories" in found
+        else None,
         in_flight=total("pullthrough_downloads_in_flight"),
         coalesced=total("pullthrough_coalesced_requests_total"),
     )

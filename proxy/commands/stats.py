@@ -29,6 +29,9 @@ def fetch(url: str, timeout: float = 10.0) -> str:
         return text
 
 
+PLURALS = {"manifest": "manifests", "blob": "blobs", "tags": "tag lists"}
+
+
 def summarize(text: str) -> str:
     """The figures of a /metrics exposition, as the status page shows them."""
     s = figures(text)
@@ -40,8 +43,9 @@ def summarize(text: str) -> str:
         if counts.total:
             ahead = f" ({counts.prefetched:.0f} read ahead)" if counts.prefetched else ""
             lines.append(
-                f"  {kind + 's':<10} {counts.hit:.0f} hit, {counts.miss:.0f} miss{ahead}, "
-                f"{counts.stale:.0f} stale, {counts.error:.0f} error"
+                f"  {PLURALS.get(kind, kind):<10} {counts.hit:.0f} hit, "
+                f"{counts.miss:.0f} miss{ahead}, {counts.stale:.0f} stale, "
+                f"{counts.error:.0f} error"
             )
     lines.append(
         f"bytes saved   {human(s.saved_bytes)} served from cache, "
@@ -63,10 +67,20 @@ def summarize(text: str) -> str:
         f"cache         {human(s.cache_bytes)} in {s.cache_blobs:.0f} blobs, "
         f"{s.cache_manifests:.0f} manifests"
     )
-    if sum(s.pushes.values()):
+    failed = s.push_failures
+    if sum(s.pushes.values()) + sum(failed.values()):
         lines.append(
             f"pushes        {s.pushes['blob']:.0f} blobs ({human(s.pushed_bytes)}), "
-            f"{s.pushes['mount']:.0f} mounts, {s.pushes['manifest']:.0f} manifests"
+            f"{s.pushes['mount']:.0f} mounts, {s.pushes['manifest']:.0f} manifests, "
+            f"{s.pushes['delete']:.0f} deletes; failed: {failed['denied']:.0f} denied, "
+            f"{failed['invalid']:.0f} invalid, {failed['error']:.0f} error"
+        )
+    if s.hosted is not None:
+        count = s.hosted.repositories
+        lines.append(
+            f"hosted        {human(s.hosted.size_bytes)} in {count:.0f} "
+            f"{'repository' if count == 1 else 'repositories'} "
+            f"({s.hosted.blobs:.0f} blobs, {s.hosted.manifests:.0f} manifests)"
         )
     lines.append(
         f"in flight     {s.in_flight:.0f} downloads, {s.coalesced:.0f} requests coalesced so far"

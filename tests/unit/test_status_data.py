@@ -195,3 +195,27 @@ def test_the_chart_puts_an_hour_of_minutes_side_by_side() -> None:
     assert ys[0] == CHART_HEIGHT
     assert ys == sorted(ys, reverse=True)
     assert chart({"time": now, "history": {"points": []}})["bars"] == []
+
+
+def test_pushes_by_result_and_hosted_storage_are_read_when_a_server_reports_them() -> None:
+    text = """# TYPE pullthrough_pushes_total counter
+pullthrough_pushes_total{kind="blob",result="ok"} 2.0
+pullthrough_pushes_total{kind="blob",result="invalid"} 1.0
+pullthrough_pushes_total{kind="manifest",result="ok"} 1.0
+pullthrough_pushes_total{kind="manifest",result="denied"} 3.0
+# TYPE pullthrough_hosted_repositories gauge
+pullthrough_hosted_repositories 1.0
+# TYPE pullthrough_hosted_size_bytes gauge
+pullthrough_hosted_size_bytes 2048.0
+# TYPE pullthrough_hosted_objects gauge
+pullthrough_hosted_objects{kind="blob"} 2.0
+pullthrough_hosted_objects{kind="manifest"} 1.0
+"""
+    figures = summarize(text)
+    assert figures.pushes == {"blob": 2, "mount": 0, "manifest": 1, "delete": 0}
+    assert figures.push_failures == {"denied": 3, "invalid": 1, "error": 0}
+    printed = stats_text(text)
+    assert "pushes        2 blobs (0 B), 0 mounts, 1 manifests, 0 deletes; failed: " in printed
+    assert "3 denied, 1 invalid, 0 error" in printed
+    assert "hosted        2.0 KiB in 1 repository (2 blobs, 1 manifests)" in printed
+    assert summarize("").hosted is None

@@ -177,6 +177,12 @@ def test_page_shows_the_pulled_images_and_the_metrics_figures(
             assert run_script(
                 browser, "return document.documentElement.scrollWidth <= window.innerWidth"
             )
+            assert browser.find_element(By.ID, "hit-ratio").text == ratio
+            print(
+                f"phone page: {browser.find_element(By.ID, 'hit-ratio').text}, "
+                f"{browser.find_element(By.ID, 'hit-counts').text!r}; "
+                f"/metrics: {hits:.0f} of {answered:.0f}"
+            )
             browser.save_screenshot(str(shots / "status-phone.png"))
             # Full height, for a person reading the artifact.
             height = run_script(browser, "return document.documentElement.scrollHeight")

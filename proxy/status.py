@@ -196,15 +196,21 @@ async def running(metrics: Metrics) -> AsyncIterator[None]:
     logging.getLogger("pullthrough").addHandler(handler)
     warn = ThrottledLog(log, interval=300.0)  # a read-only directory: not every second
 
+    async def offer() -> None:
+        try:
+            text = await asyncio.to_thread(metrics.exposition, cache=False)
+            summary = summarize(text.decode())
+            await asyncio.to_thread(metrics.history.offer, point(summary, time.time()))
+        except OSError as exc:
+            warn.warning("history", "cannot record the status page's history: %s", exc)
+
     async def sample() -> None:
         while True:
-            try:
-                text = await asyncio.to_thread(metrics.exposition, cache=False)
-                summary = summarize(text.decode())
-                await asyncio.to_thread(metrics.history.offer, point(summary, time.time()))
-            except OSError as exc:
-                warn.warning("history", "cannot record the status page's history: %s", exc)
             await asyncio.sleep(SAMPLE_SECONDS)
+            await offer()
+
+    # The first point before the first request: the last hour starts at the start.
+    await offer()
 
     async def publish() -> None:
         while True:

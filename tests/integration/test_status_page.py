@@ -87,9 +87,16 @@ def test_page_shows_the_pulled_images_and_the_metrics_figures(
                 return docs
 
         # The same figures whichever worker answers, and those of /metrics.
-        for doc in asyncio.run(from_every_worker()):
+        docs = asyncio.run(from_every_worker())
+        for doc in docs:
             assert doc["since_start"]["hits"] == hits
             assert doc["since_start"]["answered"] == answered
+            # The last hour too: one history, sampled by one worker for all.
+            assert (doc["last_hour"]["hits"], doc["last_hour"]["answered"]) == (hits, answered)
+            steps = [(p["hits"], p["answered"]) for p in doc["history"]["points"]]
+            assert steps == [(p["hits"], p["answered"]) for p in docs[0]["history"]["points"]]
+            assert doc["cache"] == docs[0]["cache"]
+            assert doc["images"]["rows"] == docs[0]["images"]["rows"]
         doc = status_json(mirror.url)
         images = {r["image"]: r for r in doc["images"]["rows"]}
         assert set(images) == {

@@ -43,10 +43,10 @@ class _CacheCollector(Collector):
     def __init__(
         self, measure: Callable[[], CacheUsage], shared: Path | None, max_age: float = 30.0
     ) -> None:
+        self._measure = measure
         self.usage = Shared(
             None if shared is None else shared / "cache-usage.json",
             max_age,
-            measure,
             dump=asdict,
             load=lambda raw: CacheUsage(**raw),
         )
@@ -56,7 +56,7 @@ class _CacheCollector(Collector):
         return self._families(None)
 
     def collect(self) -> Iterator[Metric]:
-        return self._families(self.usage.get()[1])
+        return self._families(self.usage.get(self._measure)[1])
 
     @staticmethod
     def _families(usage: CacheUsage | None) -> Iterator[Metric]:

@@ -21,35 +21,40 @@ class Shared(Generic[T]):
         self,
         path: Path | None,
         max_age: float,
-        measure: Callable[[], T],
         dump: Callable[[T], Any],
         load: Callable[[Any], T],
     ) -> None:
         self._path = path
         self._max_age = max_age
-        self._measure = measure
         self._dump = dump
         self._load = load
         self._last: tuple[float, T] | None = None
         self._read_at = 0  # the file's mtime when ``_last`` was read from it
 
-    def get(self) -> tuple[float, T]:
-        """(when measured, in seconds since the epoch; the measurement). May
-        measure: call it off the event loop."""
-        now = time.time()
+    def get(self, measure: Callable[[], T]) -> tuple[float, T]:
+        """(when measured, in seconds since the epoch; the measurement), by
+        ``measure`` when none is fresh. Reads files: call it off the event loop."""
+        fresh = self.peek()
+        if fresh is not None:
+            return fresh
+        return self.put(measure())
+
+    def peek(self) -> tuple[float, T] | None:
+        """The measurement, unless there is none younger than ``max_age``."""
         if self._path is not None:
-            # Unreadable or half-gone: measured again, as if missing.
+            # Unreadable or half-gone: as if missing.
             with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
                 changed = self._path.stat().st_mtime_ns
                 if self._last is None or changed != self._read_at:
                     raw = json.loads(self._path.read_bytes())
                     self._last = (float(raw["at"]), self._load(raw["value"]))
                     self._read_at = changed
-                if 0 <= now - self._last[0] <= self._max_age:
-                    return self._last
-        elif self._last is not None and now - self._last[0] <= self._max_age:
+        if self._last is not None and 0 <= time.time() - self._last[0] <= self._max_age:
             return self._last
-        value = self._measure()
+        return None
+
+    def put(self, value: T) -> tuple[float, T]:
+        """Record a measurement just taken, for every worker."""
         at = time.time()
         self._last = (at, value)
         if self._path is not None:

@@ -32,7 +32,7 @@ from pullthrough.metrics.shared import Shared
 from pullthrough.metrics.summary import Summary, summarize
 from pullthrough.proxy.config import Settings
 from pullthrough.proxy.images import CachedImages
-from pullthrough.proxy.mirror import Mirrors
+from pullthrough.proxy.mirror import PROBE_SECONDS, Mirrors
 from pullthrough.proxy.ratelog import ThrottledLog
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,6 @@ class ImageList:
         self._listing = Shared(
             None if shared is None else shared / "status-images.json",
             max_age,
-            self._list,
             dump=lambda rows: [asdict(r) for r in rows],
             load=lambda raw: [ImageRow(**r | {"platforms": tuple(r["platforms"])}) for r in raw],
         )
@@ -74,7 +73,7 @@ class ImageList:
     async def rows(self) -> tuple[float, list[ImageRow]]:
         """(when listed, rows)."""
         async with self._lock:  # one walk at a time, shared by concurrent pages
-            return await asyncio.to_thread(self._listing.get)
+            return await asyncio.to_thread(self._listing.get, self._list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,12 +85,37 @@ class UpstreamView:
     ratelimit_limit: float | None
 
 
+def upstream_states(shared: Path | None) -> Shared[dict[str, str]]:
+    """Each upstream's state, as the last probe by any worker found it."""
+    path = None if shared is None else shared / "status-upstreams.json"
+    return Shared(path, PROBE_SECONDS, dump=dict, load=dict)
+
+
 class Status:
-    def __init__(self, settings: Settings, metrics: Metrics, mirrors: Mirrors, images: ImageList):
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        mirrors: Mirrors,
+        images: ImageList,
+        states: Shared[dict[str, str]],
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.mirrors = mirrors
         self.images = images
+        self.states = states
+
+    async def _states(self) -> tuple[float, dict[str, str]]:
+        """Probed by this worker (at most every PROBE_SECONDS) when no worker
+        has lately: every page shows the same states."""
+        fresh = await asyncio.to_thread(self.states.peek)
+        if fresh is not None:
+            return fresh
+        mirrors = list(self.mirrors)
+        probed = await asyncio.gather(*(m.upstream_state() for m in mirrors))
+        found = {m.name: state for m, state in zip(mirrors, probed, strict=True)}
+        return await asyncio.to_thread(self.states.put, found)
 
     async def document(
         self, visible: Visible, *, errors: bool = True, images: bool = True
@@ -105,18 +129,17 @@ class Status:
         current = point(summary, now)
         window = await asyncio.to_thread(self.metrics.history.window, current)
         hour = current.minus(window[0])
-        mirrors = list(self.mirrors)
-        states = await asyncio.gather(*(m.upstream_state() for m in mirrors))
+        checked_at, states = await self._states()
         limits = {r.upstream: r for r in summary.ratelimits}
         upstreams = [
             UpstreamView(
                 m.name,
                 str(m.upstream.base),
-                state,
+                states.get(m.name, "unknown"),
                 limits[m.name].remaining if m.name in limits else None,
                 limits[m.name].limit if m.name in limits else None,
             )
-            for m, state in zip(mirrors, states, strict=True)
+            for m in self.mirrors
         ]
         downloads, logged = await asyncio.to_thread(self.metrics.activity.gather)
         listing = None
@@ -148,6 +171,7 @@ class Status:
                 ],
             },
             "upstreams": [asdict(u) for u in upstreams],
+            "upstreams_checked_at": checked_at,
             "downloads": [asdict(d) for d in downloads if visible(d.upstream, d.repository)],
             "cache": {
                 "bytes": summary.cache_bytes,
@@ -234,3 +258,4 @@ async def running(metrics: Metrics) -> AsyncIterator[None]:
 
 
 IMAGES = web.AppKey("status_images", ImageList)
+STATES = web.AppKey("status_upstream_states", Shared[dict[str, str]])

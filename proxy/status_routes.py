@@ -22,7 +22,7 @@ from pullthrough.proxy.config import ANONYMOUS, EVERY_USER
 from pullthrough.proxy.console import human
 from pullthrough.proxy.errors import Denied, Unauthorized
 from pullthrough.proxy.keys import METRICS, MIRRORS, SETTINGS
-from pullthrough.proxy.status import IMAGES, Status, Visible, running
+from pullthrough.proxy.status import IMAGES, STATES, Status, Visible, running, upstream_states
 
 HEADERS = {
     "Content-Security-Policy": (
@@ -49,6 +49,7 @@ def _environment() -> jinja2.Environment:
     env.filters["bytes"] = human
     env.filters["percent"] = lambda r: "n/a" if r is None else f"{100 * r:.1f}%"
     env.filters["utc"] = lambda t: time.strftime("%Y-%m-%d %H:%M", time.gmtime(t))
+    env.filters["utc_seconds"] = lambda t: time.strftime("%H:%M:%S", time.gmtime(t))
     env.filters["count"] = lambda n: f"{n:,.0f}"
     env.filters["short"] = lambda digest: digest.partition(":")[2][:12]
     return env
@@ -96,7 +97,7 @@ def _may_pull_something(access: Access, user: str | None) -> bool:
 
 def _status(request: web.Request) -> Status:
     app = request.app
-    return Status(app[SETTINGS], app[METRICS], app[MIRRORS], app[IMAGES])
+    return Status(app[SETTINGS], app[METRICS], app[MIRRORS], app[IMAGES], app[STATES])
 
 
 async def page(request: web.Request) -> web.Response:
@@ -180,6 +181,7 @@ def install(app: web.Application) -> None:
     """The page, its JSON and its assets; the history and activity tasks. Call
     after the mirrors' cleanup_ctx is added (the page reads what it opens)."""
     app[TEMPLATES] = _environment()
+    app[STATES] = upstream_states(app[METRICS].shared_dir)
     app.cleanup_ctx.append(_serve)
     app.router.add_get("/", page)
     app.router.add_get("/status.json", document)

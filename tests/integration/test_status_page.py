@@ -96,6 +96,9 @@ def test_page_shows_the_pulled_images_and_the_metrics_figures(
             steps = [(p["hits"], p["answered"]) for p in doc["history"]["points"]]
             assert steps == [(p["hits"], p["answered"]) for p in docs[0]["history"]["points"]]
             assert doc["cache"] == docs[0]["cache"]
+            # Probed by one worker for all (at most every 30 s).
+            assert doc["upstreams"] == docs[0]["upstreams"]
+            assert doc["upstreams_checked_at"] == docs[0]["upstreams_checked_at"]
             assert doc["images"]["rows"] == docs[0]["images"]["rows"]
         doc = status_json(mirror.url)
         images = {r["image"]: r for r in doc["images"]["rows"]}

@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from pullthrough.metrics import Metrics
@@ -150,22 +151,28 @@ def test_stats_prints_the_figures_the_page_shows() -> None:
 def test_a_shared_measurement_is_taken_by_one_worker_for_all(tmp_path: Path) -> None:
     taken: list[str] = []
 
-    def measure(worker: str) -> Shared[int]:
+    def worker(name: str) -> tuple[Shared[int], Callable[[], int]]:
         def take() -> int:
-            taken.append(worker)
+            taken.append(name)
             return len(taken)
 
-        return Shared(tmp_path / "m.json", 30.0, take, dump=int, load=int)
+        return Shared(tmp_path / "m.json", 30.0, dump=int, load=int), take
 
-    first, second = measure("first"), measure("second")
-    at, value = first.get()
-    assert second.get() == (at, value) == first.get()
+    (first, by_first), (second, by_second) = worker("first"), worker("second")
+    assert second.peek() is None
+    at, value = first.get(by_first)
+    assert second.get(by_second) == (at, value) == first.get(by_first)
     assert taken == ["first"]
     # Too old: whoever asks next measures again, for both.
     (tmp_path / "m.json").write_text(json.dumps({"at": at - 31, "value": 1}))
-    assert second.get()[1] == 2
-    assert first.get()[1] == 2
+    assert first.peek() is None
+    assert second.get(by_second)[1] == 2
+    assert first.get(by_first)[1] == 2
     assert taken == ["first", "second"]
+    # Measured elsewhere (an async probe): put for all.
+    second.put(7)
+    assert first.peek() is not None
+    assert first.get(by_first)[1] == 7
 
 
 def test_the_chart_puts_an_hour_of_minutes_side_by_side() -> None:

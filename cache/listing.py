@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from pullthrough.cache.errors import InvalidDigest
 from pullthrough.cache.evict import entries
 from pullthrough.cache.index import TagIndex
 from pullthrough.cache.layout import Layout
-from pullthrough.cache.manifests import ManifestStore
+from pullthrough.cache.manifests import ManifestStore, StoredManifest
 
 
 @dataclass
@@ -27,6 +28,8 @@ class ImageRow:
     complete: bool
     last_used: float
     pinned: bool
+    # "os/arch[/variant]" of each image an index lists, or of the one image.
+    platforms: tuple[str, ...] = ()
 
 
 def list_images(
@@ -64,9 +67,45 @@ def list_images(
             size += st.st_size
             last_used = max(last_used, st.st_mtime)
         seen[(image, entry.digest)] = ImageRow(
-            image, entry.digest, top.media_type, size, complete, last_used, image in pins
+            image,
+            entry.digest,
+            top.media_type,
+            size,
+            complete,
+            last_used,
+            image in pins,
+            platforms(top, layout),
         )
     return sorted(seen.values(), key=lambda r: (r.image, -r.last_used))
+
+
+# An image config larger than this is not read for its platform.
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def platforms(top: StoredManifest, layout: Layout) -> tuple[str, ...]:
+    """The platforms of an index's images (attestations, "unknown/unknown", left
+    out), or of an image as its cached config names it."""
+    listed = graph.children(top)
+    if listed:
+        named = (c.platform for c in listed if c.platform and "unknown" not in c.platform)
+        return tuple(dict.fromkeys(named))
+    config = next(iter(graph.blobs(top)), None)
+    # Schema 1 names no config: its first blob is a layer.
+    if config is None or not config.media_type.endswith(("config.v1+json", "image.v1+json")):
+        return ()
+    try:
+        path = layout.blob(config.digest)
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            return ()
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return ()
+    if not isinstance(doc, dict):
+        return ()
+    parts = (doc.get("os"), doc.get("architecture"), doc.get("variant"))
+    name = "/".join(str(p) for p in parts if p and isinstance(p, str))
+    return (name,) if name else ()
 
 
 @dataclass

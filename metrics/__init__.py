@@ -10,15 +10,19 @@ worker answers it, reports the sum over all of them.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Generic, TypeVar
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
+
+from pullthrough.metrics.activity import Activity
+from pullthrough.metrics.history import History
+from pullthrough.metrics.shared import Shared
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -45,29 +49,28 @@ U = TypeVar("U")
 
 
 class _Measured(Collector, Generic[U]):
-    """Gauges measured at scrape time (at most every ``max_age`` seconds), by
-    walking the disk: ``families`` turns a measure into metrics (None: describe)."""
+    """Gauges measured at scrape time (at most every ``max_age`` seconds, by one
+    of the workers for all of them, through ``shared``): ``families`` turns a
+    measure into metrics (None: describe)."""
 
     def __init__(
         self,
         measure: Callable[[], U],
         families: Callable[[U | None], Iterator[Metric]],
+        shared: Path | None,
+        load: Callable[[Any], U],
         max_age: float = 30.0,
     ) -> None:
         self._measure = measure
         self._families = families
-        self._max_age = max_age
-        self._last: tuple[float, U] | None = None
+        self.usage: Shared[U] = Shared(shared, max_age, dump=_as_dict, load=load)
 
     def describe(self) -> Iterator[Metric]:
         # Registering calls describe(), or collect() without it: measure on scrapes only.
         return self._families(None)
 
     def collect(self) -> Iterator[Metric]:
-        now = time.monotonic()
-        if self._last is None or now - self._last[0] > self._max_age:
-            self._last = (now, self._measure())
-        return self._families(self._last[1])
+        return self._families(self.usage.get(self._measure)[1])
 
 
 def _cache_families(usage: CacheUsage | None) -> Iterator[Metric]:
@@ -83,6 +86,18 @@ def _cache_families(usage: CacheUsage | None) -> Iterator[Metric]:
         objects.add_metric(["manifest"], usage.manifests)
     yield size
     yield objects
+
+
+def _as_dict(usage: Any) -> Any:
+    return asdict(usage)
+
+
+def _load_cache(raw: Any) -> CacheUsage:
+    return CacheUsage(**raw)
+
+
+def _load_hosted(raw: Any) -> HostedUsage:
+    return HostedUsage(**raw)
 
 
 def _hosted_families(usage: HostedUsage | None) -> Iterator[Metric]:
@@ -112,8 +127,12 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._multiprocess = MULTIPROCESS_ENV in os.environ
-        # Measured when scraped, by whichever worker answers the scrape.
+        # Measured when scraped, by one worker for all (files beside the counters').
         self._measured: list[Collector] = []
+        # The status page's shared state sits beside the counters' files.
+        self.shared_dir = Path(os.environ[MULTIPROCESS_ENV]) if self._multiprocess else None
+        self.activity = Activity(self.shared_dir)
+        self.history = History(self.shared_dir)
         self.requests = Counter(
             "pullthrough_requests",
             "Registry requests served, by kind (manifest, blob, tags, referrers) and result "
@@ -257,23 +276,38 @@ class Metrics:
 
     def watch_cache(self, measure: Callable[[], CacheUsage]) -> None:
         """Report the cache's size, measured by ``measure`` when scraped."""
-        self._watch(_Measured(measure, _cache_families))
+        self._measured.append(
+            _Measured(measure, _cache_families, self._shared("cache-usage.json"), _load_cache)
+        )
 
     def watch_hosted(self, measure: Callable[[], HostedUsage]) -> None:
         """Report what hosted repositories hold, measured by ``measure`` when scraped."""
-        self._watch(_Measured(measure, _hosted_families))
+        self._measured.append(
+            _Measured(measure, _hosted_families, self._shared("hosted-usage.json"), _load_hosted)
+        )
 
-    def _watch(self, collector: Collector) -> None:
-        self._measured.append(collector)
-        if not self._multiprocess:
-            self.registry.register(collector)
+    def _shared(self, name: str) -> Path | None:
+        return None if self.shared_dir is None else self.shared_dir / name
 
-    def exposition(self) -> bytes:
-        """The text format; may walk the cache, so call it off the event loop."""
-        if not self._multiprocess:
-            return generate_latest(self.registry)
+    def exposition(self, *, cache: bool = True) -> bytes:
+        """The text format; may walk the cache (not with ``cache=False``), so
+        call it off the event loop."""
         registry = CollectorRegistry()
-        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        for collector in self._measured:
-            registry.register(collector)
+        if self._multiprocess:
+            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        else:
+            registry.register(_Collected(self.registry))
+        if cache:
+            for collector in self._measured:
+                registry.register(collector)
         return generate_latest(registry)
+
+
+class _Collected(Collector):
+    """Another registry's metrics, as one collector of a registry made per scrape."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._registry.collect()

@@ -59,6 +59,10 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 # The endpoints that tell a client it must log in (as Docker Hub's /v2/ does):
 # docker and podman only send credentials after a challenge from /v2/.
 LOGIN_PATHS = frozenset({"/v2/", "/v2", "/metrics"})
+# Pages for browsers (the status page): their 401 challenges with Basic, which
+# makes a browser ask for a user name and password (Bearer does not).
+BROWSER_PATHS = frozenset({"/", "/status.json"})
+BROWSER_CHALLENGE = 'Basic realm="pullthrough", charset="UTF-8"'
 # The rule used where none matches: every user, and anonymous clients (for
 # public content only), may pull; nobody may push.
 DEFAULT_RULE = AccessRule(pull=(EVERY_USER, ANONYMOUS))
@@ -343,6 +347,9 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     try:
         return await _as_user(request, access, handler)
     except Unauthorized as err:
+        if request.path in BROWSER_PATHS:
+            err.headers["WWW-Authenticate"] = BROWSER_CHALLENGE
+            raise
         realm = origin(request, forwarded_origin(request))
         err.headers["WWW-Authenticate"] = challenge(realm, request.get(SCOPE))
         raise

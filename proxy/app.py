@@ -18,7 +18,7 @@ from pullthrough.cache.manifests import ManifestStore
 from pullthrough.cache.scrub import Scrubber
 from pullthrough.cache.stores import KnownUpstream
 from pullthrough.metrics import CacheUsage, HostedUsage, Metrics
-from pullthrough.proxy import push_routes, visibility
+from pullthrough.proxy import push_routes, status, status_routes, visibility
 from pullthrough.proxy.access import ACCESS, Access, add_token_route, authenticate
 from pullthrough.proxy.config import Settings
 from pullthrough.proxy.errors import oci_errors
@@ -63,6 +63,7 @@ async def _serve_mirrors(app: web.Application) -> AsyncIterator[None]:
             return CacheUsage(*(sum(c[i] for c in counts) for i in range(3)))
 
         metrics.watch_cache(usage)
+        app[status.IMAGES] = status.ImageList(resources.images, metrics.shared_dir)
         hosted = None
         if settings.hosted:
             hosted = _open_hosted(settings)
@@ -175,6 +176,7 @@ def create_app(
     app.on_response_prepare.append(count_served_bytes)
     app.on_response_prepare.append(answer_namespace)
     add_routes(app, service_endpoints=settings.metrics_listen is None, handler=push_routes.registry)
+    status_routes.install(app)
     return app
 
 

@@ -532,14 +532,22 @@ class Mirror:
 
         async def fetch(sink: DownloadSink) -> None:
             self.metrics.downloads_in_flight.inc()
+            shown = self.metrics.activity.download(self.name, repository, str(digest))
             try:
-                resp = await self.upstream.request("GET", repository, "blobs", str(digest))
-                try:
-                    await raise_for_status(resp, "blobs", str(digest))
-                    await sink.begin(resp.content_length)
-                    await self.upstream.copy_body(resp, sink.write, FETCH_BATCH)
-                finally:
-                    resp.release()
+                with shown as progress:
+
+                    async def write(chunk: bytes) -> None:
+                        await sink.write(chunk)
+                        progress.add(len(chunk))
+
+                    resp = await self.upstream.request("GET", repository, "blobs", str(digest))
+                    try:
+                        await raise_for_status(resp, "blobs", str(digest))
+                        progress.size = resp.content_length
+                        await sink.begin(resp.content_length)
+                        await self.upstream.copy_body(resp, write, FETCH_BATCH)
+                    finally:
+                        resp.release()
             finally:
                 self.metrics.downloads_in_flight.dec()
 

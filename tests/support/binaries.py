@@ -12,6 +12,8 @@ REQUIRE_ENV = "REQUIRE_TEST_BINARIES"
 _HINTS = {
     "docker-registry": "apt-get install docker-registry",
     "skopeo": "apt-get install skopeo",
+    "chromium": "apt-get install chromium",
+    "chromedriver": "apt-get install chromium-driver",
 }
 
 

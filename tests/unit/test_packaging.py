@@ -40,6 +40,11 @@ def test_the_wheel_holds_one_top_level_package(tmp_path: Path) -> None:
         "proxy/commands/warm.py",
         "cache/blobs.py",
         "metrics/__init__.py",
+        # The status page's files, served by the mirror itself.
+        "proxy/templates/status.html",
+        "proxy/static/status.css",
+        "proxy/static/status.js",
+        "proxy/static/favicon.svg",
     ):
         assert f"pullthrough/{module}" in names
     entry_points = zipfile.ZipFile(wheel).read(f"pullthrough-{version}.dist-info/entry_points.txt")

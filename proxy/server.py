@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
 from prometheus_client.multiprocess import mark_process_dead
 
 from pullthrough.cache import stores
@@ -368,7 +368,12 @@ class GuardedHandler(web.RequestHandler):
         # A malformed request: the client's fault, one line, no traceback, and
         # an OCI error body like every other answer.
         reason = " ".join(str(exc.message or exc).split())[:MAX_REASON]
-        log.warning("bad request from %s: %s", request.remote, reason)
+        if isinstance(exc, BadHttpMethod) and reason.startswith("Received HTTPS traffic"):
+            # A TLS hello on the plain port: skopeo, podman and containerd try
+            # HTTPS first on every pull from an "insecure" mirror. Routine, not a warning.
+            log.info("TLS handshake from %s on the plain HTTP port", request.remote)
+        else:
+            log.warning("bad request from %s: %s", request.remote, reason)
         if request.writer.output_size > 0:
             raise ConnectionError("an answer was sent already")
         err: RegistryError = (

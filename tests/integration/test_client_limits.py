@@ -16,6 +16,7 @@ import resource
 import select
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -429,6 +430,28 @@ def test_a_malformed_request_line_is_one_warning(
     assert len(warnings) == 1
     assert "bad request from 127.0.0.1" in warnings[0]
     assert not any("Traceback" in line or " ERROR " in line for line in lines)
+
+
+def test_a_tls_hello_on_the_plain_port_is_routine_not_a_warning(
+    upstream: Registry, tmp_path: Path, stop_later: list[MirrorProcess]
+) -> None:
+    # skopeo, podman and containerd try HTTPS first on every pull from an
+    # "insecure" mirror: a warning each time would bury the real ones.
+    mirror = start(stop_later, upstream, tmp_path / "cache")
+    mark = mirror.log.stat().st_size
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname="mirror")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    with connect(mirror) as sock:
+        sock.sendall(outgoing.read())
+        status, headers, _ = read_response(sock)
+    assert status == 400
+    assert headers["content-type"] == "application/json"
+    time.sleep(0.3)
+    lines = log_since(mirror, mark).splitlines()
+    assert not [line for line in lines if " WARNING " in line]
+    assert any("TLS handshake from 127.0.0.1 on the plain HTTP port" in line for line in lines)
 
 
 # -- the server process ------------------------------------------------------------------

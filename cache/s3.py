@@ -53,15 +53,15 @@ import botocore.config
 import botocore.session
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from cachetools import LRUCache
-from yarl import URL
 
 from pullthrough.cache.coordination import FetchLocks, Lease
 from pullthrough.cache.digests import Digest
 from pullthrough.cache.errors import DigestMismatch, DownloadFailed, InvalidDigest, SizeMismatch
 from pullthrough.cache.manifests import MEMORY_BYTES, StoredManifest, damage
 from pullthrough.cache.quarantine import Corrupt
+from pullthrough.cache.s3_location import S3Location
 from pullthrough.cache.storage import DownloadSink, Tracker
 
 if TYPE_CHECKING:
@@ -85,37 +85,6 @@ _MISSING = frozenset({"404", "NoSuchKey", "NotFound"})
 _TAKEN = frozenset({"412", "PreconditionFailed", "ConditionalRequestConflict"})
 
 
-@dataclass(frozen=True)
-class S3Location:
-    """Where a store lives: ``s3://bucket/prefix`` and how to reach it.
-
-    Credentials left None come from the standard AWS chain."""
-
-    bucket: str
-    prefix: str = ""  # "" or ending in "/"
-    endpoint_url: str | None = None
-    region: str | None = None
-    access_key: str | None = field(default=None, repr=False)
-    secret_key: str | None = field(default=None, repr=False)
-
-    @classmethod
-    def parse(cls, url: str, **options: Any) -> S3Location:
-        """``s3://bucket[/prefix]``; ValueError with a one-line reason otherwise."""
-        parsed = URL(url)
-        if parsed.scheme != "s3" or not parsed.host:
-            raise ValueError(f"storage {url!r} is not of the form s3://bucket/prefix")
-        if parsed.query_string or parsed.fragment or parsed.user or parsed.port:
-            raise ValueError(f"storage {url!r}: only s3://bucket/prefix, nothing more")
-        prefix = parsed.path.strip("/")
-        return cls(parsed.host, f"{prefix}/" if prefix else "", **options)
-
-    def key(self, kind: str, digest: Digest) -> str:
-        return f"{self.prefix}{kind}/{digest.algorithm}/{digest.hex}"
-
-    def __str__(self) -> str:
-        return f"s3://{self.bucket}/{self.prefix}"
-
-
 def _missing(exc: ClientError) -> bool:
     return exc.response.get("Error", {}).get("Code", "") in _MISSING
 
@@ -126,6 +95,8 @@ def _taken(exc: ClientError) -> bool:
 
 def _aio_config() -> AioConfig:
     return AioConfig(
+        # SigV4 also for presigned URLs (botocore would presign with SigV2 here).
+        signature_version="s3v4",
         s3={"addressing_style": "path"},
         # Checksums only where S3 demands them: not every S3-compatible server
         # takes the trailing ones newer botocore sends by default.
@@ -174,6 +145,34 @@ class S3Connection:
         self._client = None
 
 
+class StorageUnavailable(Exception):
+    """The bucket cannot be used: missing, unreachable, or the credentials refused."""
+
+
+async def check_location(location: S3Location, within: float = 15.0) -> None:
+    """Raise StorageUnavailable (a one-line reason) unless ``location`` is usable."""
+    connection = S3Connection(location)
+    try:
+        async with asyncio.timeout(within):
+            await connection.check()
+    except TimeoutError:
+        raise StorageUnavailable(f"{location}: no answer within {within:.0f} s") from None
+    except NoCredentialsError:
+        raise StorageUnavailable(
+            f"{location}: no AWS credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+            "~/.aws/credentials or an instance role)"
+        ) from None
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        code = error.get("Code", "")
+        reason = "the bucket does not exist" if code in _MISSING else error.get("Message") or code
+        raise StorageUnavailable(f"{location}: {reason} ({code})") from None
+    except BotoCoreError as exc:
+        raise StorageUnavailable(f"{location}: {exc}") from None
+    finally:
+        await connection.close()
+
+
 class _State(Enum):
     WAITING = "waiting"  # another process holds the lock
     RUNNING = "running"
@@ -196,6 +195,7 @@ class _Download:
     staged: Path | None = None
     # Committed by another process: readers read the object, not a staging file.
     remote: bool = False
+    stopped: bool = False  # the fetch failed: no more parts are sent
     error: BaseException | None = None
     task: asyncio.Task[None] | None = None
     size_known: asyncio.Event = field(default_factory=asyncio.Event)
@@ -211,7 +211,7 @@ class _Download:
     async def until(self, written: int) -> bool:
         """Wait until ``written`` bytes are staged; False when no more will come."""
         while self.written < written:
-            if self.state is not _State.RUNNING:
+            if self.state is not _State.RUNNING or self.stopped:
                 return False
             await self._progress.wait()
         return True
@@ -624,10 +624,11 @@ class S3BlobStore:
             download.state = _State.COMMITTED
             self._on_commit()
         except BaseException:
-            uploading.cancel()
-            with contextlib.suppress(BaseException):
-                await uploading
-            await asyncio.shield(upload.abort())
+            # Not cancelled: a part upload cut off midway (its CreateMultipartUpload
+            # sent, its UploadId not yet known) would leave an upload nobody aborts.
+            download.stopped = True
+            download.notify()
+            await asyncio.shield(_drop(uploading, upload))
             raise
         finally:
             # Readers hold their own descriptors; later ones read the object.
@@ -678,6 +679,13 @@ class S3BlobStore:
         await self.connection.close()
 
 
+async def _drop(uploading: asyncio.Task[None], upload: _Upload) -> None:
+    """Let the part being sent finish, then abort the whole upload."""
+    with contextlib.suppress(Exception):
+        await uploading
+    await upload.abort()
+
+
 class S3ManifestStore:
     """Manifests in a bucket: a line with the media type, then the bytes; verified
     on every read from S3, the most recently used kept in memory."""
@@ -695,6 +703,7 @@ class S3ManifestStore:
             maxsize=memory_bytes, getsizeof=lambda m: len(m.data) + 256
         )
         config = botocore.config.Config(
+            signature_version="s3v4",
             s3={"addressing_style": "path"},
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",

@@ -22,7 +22,8 @@ from pullthrough.cache.digests import Digest
 from pullthrough.cache.index import TagIndex
 from pullthrough.cache.layout import Layout
 from pullthrough.cache.manifests import ManifestStore
-from pullthrough.cache.s3 import S3BlobStore, S3Location, S3ManifestStore
+from pullthrough.cache.s3 import S3BlobStore, S3ManifestStore
+from pullthrough.cache.s3_location import S3Location
 from pullthrough.cache.storage import BlobStorage, ManifestStorage, TagStorage
 from tests.support.seaweed import SeaweedS3
 

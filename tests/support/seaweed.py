@@ -272,7 +272,7 @@ class SeaweedS3(Service):
         # -bucket names the bucket but, seen with 4.48, does not create it.
         import botocore.session  # the s3 extra; only S3 tests start this server
 
-        client = botocore.session.get_session().create_client(
+        client: Any = botocore.session.get_session().create_client(
             "s3",
             endpoint_url=self.direct_endpoint,
             region_name=self.region,

@@ -118,6 +118,14 @@ def test_pulls_through_a_mirror_on_s3_and_warm_ones_from_s3_or_by_redirect(
         mark = pushed.mark()
         pull(skopeo_cli, second, IMAGE, tmp_path / "warm")
         assert_identical(IMAGE, tmp_path / "warm")
+        layer = IMAGE.blobs[0]
+        ranged = urllib.request.Request(
+            f"{second.url}/v2/s3store/blobs/{layer.digest}", headers={"Range": "bytes=100-"}
+        )
+        with urllib.request.urlopen(ranged, timeout=30) as resp:
+            assert resp.status == 206
+            assert resp.headers["Content-Range"] == f"bytes 100-{layer.size - 1}/{layer.size}"
+            assert resp.read() == layer.data[100:]
         assert blob_gets(pushed.requests_since(mark)) == []
     finally:
         second.stop()

@@ -43,7 +43,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -58,7 +58,13 @@ from cachetools import LRUCache
 
 from pullthrough.cache.coordination import FetchLocks, Lease
 from pullthrough.cache.digests import Digest
-from pullthrough.cache.errors import DigestMismatch, DownloadFailed, InvalidDigest, SizeMismatch
+from pullthrough.cache.errors import (
+    DigestMismatch,
+    DownloadFailed,
+    InvalidDigest,
+    SizeMismatch,
+    StorageUnavailable,
+)
 from pullthrough.cache.manifests import MEMORY_BYTES, StoredManifest, damage
 from pullthrough.cache.quarantine import Corrupt
 from pullthrough.cache.s3_location import S3Location
@@ -145,8 +151,20 @@ class S3Connection:
         self._client = None
 
 
-class StorageUnavailable(Exception):
-    """The bucket cannot be used: missing, unreachable, or the credentials refused."""
+@contextlib.contextmanager
+def _unavailable(location: S3Location) -> Iterator[None]:
+    """S3 failing (not a missing object: callers look for that) as StorageUnavailable,
+    which the mirror answers 503."""
+    try:
+        yield
+    except ClientError as exc:
+        if _missing(exc):
+            raise
+        error = exc.response.get("Error", {})
+        reason = error.get("Message") or error.get("Code", "")
+        raise StorageUnavailable(f"{location}: {reason}") from exc
+    except BotoCoreError as exc:
+        raise StorageUnavailable(f"{location}: {exc}") from exc
 
 
 async def check_location(location: S3Location, within: float = 15.0) -> None:
@@ -453,15 +471,14 @@ class S3BlobStore:
     # -- committed blobs --------------------------------------------------------------
 
     async def stat(self, digest: Digest) -> int | None:
-        client = await self.connection.client()
         try:
-            head = await client.head_object(
-                Bucket=self.location.bucket, Key=self.location.key("blobs", digest)
-            )
-        except ClientError as exc:
-            if _missing(exc):
-                return None
-            raise
+            with _unavailable(self.location):
+                client = await self.connection.client()
+                head = await client.head_object(
+                    Bucket=self.location.bucket, Key=self.location.key("blobs", digest)
+                )
+        except ClientError:  # _unavailable lets only "no such object" through
+            return None
         return head["ContentLength"]
 
     async def hit(self, digest: Digest) -> int | None:
@@ -474,7 +491,7 @@ class S3BlobStore:
             return None
         location = None
         if self._redirect:
-            client = await self.connection.client()
+            client = await self.connection.client()  # stat made it: no I/O here
             location = await client.generate_presigned_url(
                 "get_object",
                 Params={"Bucket": self.location.bucket, "Key": self.location.key("blobs", digest)},
@@ -486,38 +503,41 @@ class S3BlobStore:
         """Bytes ``start`` to ``end`` (exclusive) of the committed blob."""
         if start >= end:
             return
-        client = await self.connection.client()
-        resp = await client.get_object(
-            Bucket=self.location.bucket,
-            Key=self.location.key("blobs", digest),
-            Range=f"bytes={start}-{end - 1}",
-        )
-        async with resp["Body"] as body:
-            async for chunk in body.iter_chunks(READ_CHUNK):
-                yield chunk
+        with _unavailable(self.location):
+            client = await self.connection.client()
+            resp = await client.get_object(
+                Bucket=self.location.bucket,
+                Key=self.location.key("blobs", digest),
+                Range=f"bytes={start}-{end - 1}",
+            )
+            async with resp["Body"] as body:
+                async for chunk in body.iter_chunks(READ_CHUNK):
+                    yield chunk
 
     async def remove(self, digest: Digest) -> bool:
         if await self.stat(digest) is None:
             return False
-        client = await self.connection.client()
-        await client.delete_object(
-            Bucket=self.location.bucket, Key=self.location.key("blobs", digest)
-        )
+        with _unavailable(self.location):
+            client = await self.connection.client()
+            await client.delete_object(
+                Bucket=self.location.bucket, Key=self.location.key("blobs", digest)
+            )
         return True
 
     async def digests(self) -> AsyncIterator[Digest]:
-        client = await self.connection.client()
         start = f"{self.location.prefix}blobs/"
-        pages = client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.location.bucket, Prefix=start
-        )
-        async for page in pages:
-            for entry in page.get("Contents", []):
-                algorithm, _, hex_ = entry.get("Key", "")[len(start) :].partition("/")
-                try:
-                    yield Digest.parse(f"{algorithm}:{hex_}")
-                except InvalidDigest:
-                    continue  # not ours
+        with _unavailable(self.location):
+            client = await self.connection.client()
+            pages = client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.location.bucket, Prefix=start
+            )
+            async for page in pages:
+                for entry in page.get("Contents", []):
+                    algorithm, _, hex_ = entry.get("Key", "")[len(start) :].partition("/")
+                    try:
+                        yield Digest.parse(f"{algorithm}:{hex_}")
+                    except InvalidDigest:
+                        continue  # not ours
 
     async def state(self) -> str:
         try:
@@ -586,9 +606,11 @@ class S3BlobStore:
         except BaseException as exc:
             download.state = _State.FAILED
             download.error = exc
+            if isinstance(exc, ClientError | BotoCoreError):
+                download.error = StorageUnavailable(f"{self.location}: {exc}")
             if not isinstance(exc, Exception):
                 raise
-            log.warning("download of %s failed: %s", digest, exc)
+            log.warning("download of %s failed: %s", digest, download.error)
         finally:
             if lease is not None:
                 await asyncio.shield(lease.release(committed=committed))
@@ -637,6 +659,10 @@ class S3BlobStore:
 
     async def clean_uploads(self, older_than: float = STALE_UPLOAD_SECONDS) -> int:
         """Abort the multipart uploads of downloads that died; returns how many."""
+        with _unavailable(self.location):
+            return await self._clean_uploads(older_than)
+
+    async def _clean_uploads(self, older_than: float) -> int:
         client = await self.connection.client()
         cutoff = time.time() - older_than
         aborted = 0
@@ -780,9 +806,15 @@ class S3ManifestStore:
         )
 
     async def get(self, digest: Digest) -> StoredManifest | None:
+        """From memory or S3; None also while S3 fails (logged): the mirror then
+        fetches the manifest from the upstream, as for any miss."""
         found = self._memory.get(digest)
         if found is None:
-            found = await asyncio.to_thread(self.read, digest)
+            try:
+                found = await asyncio.to_thread(self.read, digest)
+            except (ClientError, BotoCoreError) as exc:
+                log.warning("manifest %s not read from %s: %s", digest, self.location, exc)
+                return None
             if found is not None:
                 self._memory[digest] = found
         return found

@@ -15,6 +15,7 @@ from pullthrough.cache import stores
 from pullthrough.cache.archive import remove_abandoned_imports
 from pullthrough.cache.blobs import BlobStore
 from pullthrough.cache.coordination import LocalLocks
+from pullthrough.cache.errors import StorageUnavailable
 from pullthrough.cache.index import TagIndex
 from pullthrough.cache.layout import Layout
 from pullthrough.cache.manifests import ManifestStore
@@ -95,7 +96,11 @@ async def _s3_stores(
         staging=layout.tmp / "s3",
         redirect=settings.redirect,
     )
-    removed = blobs.remove_stale() + await blobs.clean_uploads()
+    removed = blobs.remove_stale()
+    try:
+        removed += await blobs.clean_uploads()
+    except StorageUnavailable as exc:
+        log.warning("dead uploads not cleaned: %s", exc)  # the next start tries again
     if removed:
         log.info("removed %d staging files and dead uploads of %s", removed, location)
     return blobs, S3ManifestStore(location, on_corrupt=on_corrupt)

@@ -43,6 +43,7 @@ from prometheus_client.multiprocess import mark_process_dead
 from pullthrough.cache import stores
 from pullthrough.cache.archive import remove_abandoned_imports
 from pullthrough.cache.blobs import BlobStore
+from pullthrough.cache.errors import StorageUnavailable
 from pullthrough.cache.index import TagIndex
 from pullthrough.metrics import MULTIPROCESS_ENV
 from pullthrough.proxy.access import ACCESS, HtpasswdError, read_htpasswd
@@ -189,7 +190,7 @@ def check_storage(settings: Settings) -> None:
         ) from None
     try:
         asyncio.run(s3.check_location(location))
-    except s3.StorageUnavailable as exc:
+    except StorageUnavailable as exc:
         raise StartupError(f"storage {exc}") from None
 
 

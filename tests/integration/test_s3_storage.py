@@ -29,7 +29,7 @@ from pullthrough.proxy.keys import MIRRORS
 from tests.support.faults import FaultRegistry, digest_of
 from tests.support.images import Image, make_image, push_images
 from tests.support.mirror import MirrorProcess, blob_files, settings_for
-from tests.support.processes import ExitedEarly
+from tests.support.processes import ExitedEarly, free_port
 from tests.support.registry import AccessLogEntry, Registry
 from tests.support.seaweed import SeaweedS3
 from tests.support.skopeo import Skopeo, dir_blob_digests, dir_manifest
@@ -335,3 +335,34 @@ def test_a_missing_bucket_stops_the_server_with_one_line(
         lines[-1] == "pullthrough: storage s3://no-such-bucket/x/: the bucket does not exist (404)"
     )
     assert "Traceback" not in mirror.log.read_text()
+
+
+async def test_storage_down_is_a_503_and_manifests_still_come_from_the_upstream(
+    fault_registry: FaultRegistry,
+    aiohttp_server: Server,
+    aiohttp_client: Client,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "nobody")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "nothing")
+    digest = fault_registry.add_blob(os.urandom(1000))
+    upstream = await aiohttp_server(fault_registry.app())
+    settings = settings_for(
+        tmp_path / "cache",
+        str(upstream.make_url("/")).rstrip("/"),
+        storage="s3://gone/x",
+        s3_endpoint_url=f"http://127.0.0.1:{free_port()}",  # nothing listens there
+    )
+    mirror = await aiohttp_client(create_app(settings))
+    async with mirror.get("/v2/library/app/manifests/1.0") as resp:
+        assert resp.status == 200
+        assert await resp.read() == fault_registry.manifests["1.0"][1]
+    async with mirror.get(f"/v2/library/app/blobs/{digest}") as resp:
+        assert resp.status == 503
+        assert resp.headers["Retry-After"] == "5"
+        body = await resp.json()
+        assert body["errors"][0]["code"] == "UNAVAILABLE"
+    assert fault_registry.count("GET", "blobs") == 0
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"

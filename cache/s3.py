@@ -398,7 +398,9 @@ class _Tracker:
             size = download.size if download.remote else await self._store.stat(download.digest)
             if size is None:
                 raise DownloadFailed(f"{download.digest} was neither staged nor committed")
-            async for chunk in self._store.read_range(download.digest, start, end or size):
+            async for chunk in self._store.read_range(
+                download.digest, start, size if end is None else min(end, size)
+            ):
                 yield chunk
             return
         try:

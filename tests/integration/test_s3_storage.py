@@ -210,6 +210,34 @@ async def test_two_nodes_sharing_the_locks_and_bucket_fetch_once(
             await node.close()
 
 
+async def test_a_waiter_fetches_itself_when_the_holder_lets_go_without_a_commit(
+    seaweed: SeaweedS3, tmp_path: Path
+) -> None:
+    data = os.urandom(300_000)
+    digest = Digest.parse(digest_of(data))
+    locks = LocalLocks()
+    store = S3BlobStore(location(seaweed), locks=locks, staging=tmp_path / "tmp")
+    elsewhere = await locks.acquire(f"blob:{digest}")  # another node fetches it
+    assert elsewhere is not None
+    feed = Feed(data)
+    try:
+        tracker = await store.track(digest, feed)
+        assert tracker is not None
+        assert tracker.joined
+        reader = asyncio.create_task(read_all(tracker))
+        for _ in range(100):
+            await asyncio.sleep(0)
+        assert feed.calls == 0  # waiting for the other node
+        assert not reader.done()
+        await elsewhere.release(committed=False)  # it failed, or died
+        assert await reader == data
+        assert feed.calls == 1
+        await store.settle()
+        assert await store.stat(digest) == len(data)
+    finally:
+        await store.close()
+
+
 @pytest.mark.parametrize("fault", ["cut", "wrong"])
 async def test_a_failed_download_leaves_no_object_and_no_upload(
     fault: str, seaweed: SeaweedS3, tmp_path: Path

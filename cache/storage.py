@@ -2,8 +2,11 @@
 a tag index, as Protocols any backend can implement.
 
 The filesystem classes (``cache/blobs.py``, ``cache/manifests.py``,
-``cache/index.py``) are the one backend today; ``tests/contract/`` is the suite
-every backend must pass. Like distribution's storage driver, a download is
+``cache/index.py``) are the default backend; ``cache/s3.py`` keeps blobs and
+manifests in S3-compatible object storage. ``tests/contract/`` is the suite every
+backend must pass. Lookups are coroutines (an object store answers over the
+network; the filesystem's answer inline, without a thread hop). Like
+distribution's storage driver, a download is
 written through one writer that either commits (every byte came and hashes to
 the digest) or leaves nothing behind; unlike it, readers follow a download
 while it is written, so concurrent misses cost one upstream fetch.

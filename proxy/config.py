@@ -22,6 +22,8 @@ from typing import Any
 
 from yarl import URL
 
+from pullthrough.cache.s3_location import S3Location
+
 log = logging.getLogger(__name__)
 
 DOCKER_HUB = URL("https://registry-1.docker.io")
@@ -349,6 +351,17 @@ class Settings:
     max_upload_size: int = 10 << 30
     # Seconds an upload session may sit idle before it and its bytes are removed.
     upload_expiry: float = 3600.0
+    # Where blobs and manifests live: None, the filesystem under cache_dir; or
+    # "s3://bucket/prefix", S3-compatible object storage shared by every node
+    # pointed at it (the tag index stays in cache_dir). Credentials come from the
+    # standard AWS chain (AWS_ACCESS_KEY_ID..., ~/.aws, instance roles).
+    storage: str | None = None
+    # The S3 endpoint, for servers other than AWS ("http://seaweedfs:8333").
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    # Answer blob GETs for cached blobs with a 307 to a presigned S3 URL, as
+    # distribution's S3 driver does: the bytes then flow from storage to clients.
+    redirect: bool = False
 
     def __post_init__(self) -> None:
         _check_host(self.host)
@@ -409,6 +422,9 @@ class Settings:
             raise ConfigError(
                 f"keepalive_timeout must be 0-3600 seconds, not {self.keepalive_timeout}"
             )
+        self.s3_location()  # raises ConfigError
+        if self.redirect and self.storage is None:
+            raise ConfigError("redirect = true needs storage = s3://bucket/prefix")
         if self.max_connections < 1:
             raise ConfigError(f"max_connections must be 1 or more, not {self.max_connections}")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -430,6 +446,19 @@ class Settings:
             raise ConfigError(f"log_format must be text or json, not {self.log_format!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR: {self.log_level}")
+
+    def s3_location(self) -> S3Location | None:
+        """The S3 store of ``storage``, or None for the filesystem."""
+        if self.storage is None:
+            return None
+        if self.s3_endpoint_url is not None:
+            _check_url("s3_endpoint_url", URL(self.s3_endpoint_url))
+        try:
+            return S3Location.parse(
+                self.storage, endpoint_url=self.s3_endpoint_url, region=self.s3_region
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     def all_upstreams(self) -> tuple[UpstreamSettings, ...]:
         """The default upstream (as docker.io) first, then the configured ones."""

@@ -5,18 +5,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiohttp
 
 from pullthrough.cache import stores
 from pullthrough.cache.archive import remove_abandoned_imports
 from pullthrough.cache.blobs import BlobStore
+from pullthrough.cache.coordination import LocalLocks
+from pullthrough.cache.errors import StorageUnavailable
 from pullthrough.cache.index import TagIndex
 from pullthrough.cache.layout import Layout
 from pullthrough.cache.manifests import ManifestStore
+from pullthrough.cache.s3_location import S3Location
 from pullthrough.cache.space import WriteFailures
+from pullthrough.cache.storage import BlobStorage, ManifestStorage
 from pullthrough.metrics import Metrics
 from pullthrough.proxy.config import Settings, UpstreamSettings
 from pullthrough.proxy.housekeeping import Housekeeper
@@ -30,6 +35,9 @@ from pullthrough.proxy.upstream import (
     new_redirect_session,
     new_session,
 )
+
+if TYPE_CHECKING:
+    from pullthrough.cache.s3 import S3BlobStore, S3ManifestStore
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +80,32 @@ def _upstream_client(
     )
 
 
+async def _s3_stores(
+    location: S3Location, layout: Layout, settings: Settings, on_corrupt: Callable[[], None]
+) -> tuple[S3BlobStore, S3ManifestStore]:
+    """The blob and manifest stores of one S3 place; this node stages downloads
+    under its cache's ``tmp/s3``. Uploads of downloads that died (on any node)
+    are aborted once they are an hour old."""
+    from pullthrough.cache.s3 import S3BlobStore, S3ManifestStore  # the s3 extra
+
+    blobs = S3BlobStore(
+        location,
+        # One process's locks: several workers or nodes share one fetch per blob
+        # once this is the Redis implementation of FetchLocks.
+        locks=LocalLocks(),
+        staging=layout.tmp / "s3",
+        redirect=settings.redirect,
+    )
+    removed = blobs.remove_stale()
+    try:
+        removed += await blobs.clean_uploads()
+    except StorageUnavailable as exc:
+        log.warning("dead uploads not cleaned: %s", exc)  # the next start tries again
+    if removed:
+        log.info("removed %d staging files and dead uploads of %s", removed, location)
+    return blobs, S3ManifestStore(location, on_corrupt=on_corrupt)
+
+
 @dataclass
 class Resources:
     """Everything a mirror runs on; the server and the command line share it."""
@@ -98,21 +132,30 @@ async def open_mirrors(settings: Settings, metrics: Metrics) -> AsyncIterator[Re
         log.info("moved %d tag entries from upstream URLs to upstream names", moved)
     images = CachedImages(root, by_upstream, tags, settings.pinned)
     housekeeper = Housekeeper(settings, images, metrics)
-    opened: dict[Layout, tuple[BlobStore, ManifestStore]] = {}
+    opened: dict[Layout, tuple[BlobStorage, ManifestStorage]] = {}
+    closing: list[Callable[[], None]] = []
+    location = settings.s3_location()
     for layout in distinct:
+        corrupt = metrics.corrupt_objects.labels("manifest").inc
+        if location is not None:
+            # A private upstream's store (upstreams/<name>) keeps that sub-prefix.
+            place = location.under(layout.root.relative_to(root).as_posix().strip("."))
+            blobs_s3, manifests_s3 = await _s3_stores(place, layout, settings, corrupt)
+            closing.append(manifests_s3.close)
+            opened[layout] = (blobs_s3, manifests_s3)
+            continue
         failures = WriteFailures(count_failure)
-        blobs = BlobStore(
+        fs_blobs = BlobStore(
             layout,
             read_timeout=settings.read_timeout,
             on_commit=housekeeper.poke,
             failures=failures,
             on_full=housekeeper.free_space if settings.max_size is not None else None,
         )
-        removed = blobs.remove_stale() + remove_abandoned_imports(layout)
+        removed = fs_blobs.remove_stale() + remove_abandoned_imports(layout)
         if removed:
             log.info("removed %d temp files left by an earlier run in %s", removed, layout.root)
-        corrupt = metrics.corrupt_objects.labels("manifest").inc
-        opened[layout] = (blobs, ManifestStore(layout, on_corrupt=corrupt, failures=failures))
+        opened[layout] = (fs_blobs, ManifestStore(layout, on_corrupt=corrupt, failures=failures))
     session = new_session(settings)
     redirect_session = new_redirect_session(settings)
     options = UpstreamOptions.from_settings(settings)
@@ -151,6 +194,8 @@ async def open_mirrors(settings: Settings, metrics: Metrics) -> AsyncIterator[Re
         await readahead.close()
         for blobs, _ in opened.values():
             await blobs.close()
+        for close in closing:
+            close()
         await session.close()
         await redirect_session.close()
         tags.close()

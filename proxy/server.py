@@ -43,6 +43,7 @@ from prometheus_client.multiprocess import mark_process_dead
 from pullthrough.cache import stores
 from pullthrough.cache.archive import remove_abandoned_imports
 from pullthrough.cache.blobs import BlobStore
+from pullthrough.cache.errors import StorageUnavailable
 from pullthrough.cache.index import TagIndex
 from pullthrough.metrics import MULTIPROCESS_ENV
 from pullthrough.proxy.access import ACCESS, HtpasswdError, read_htpasswd
@@ -172,7 +173,25 @@ def prepare_cache(settings: Settings) -> int:
     for layout in distinct:
         if not layout.writable():
             raise StartupError(f"cache directory {layout.root} is not writable")
+    check_storage(settings)
     return removed
+
+
+def check_storage(settings: Settings) -> None:
+    """With ``storage = s3://...``: the S3 client is installed and the bucket usable."""
+    location = settings.s3_location()
+    if location is None:
+        return
+    try:
+        from pullthrough.cache import s3  # the optional extra
+    except ImportError:
+        raise StartupError(
+            f"storage {settings.storage} needs the s3 extra: pip install 'pullthrough[s3]'"
+        ) from None
+    try:
+        asyncio.run(s3.check_location(location))
+    except StorageUnavailable as exc:
+        raise StartupError(f"storage {exc}") from None
 
 
 def listen(host: str, port: int) -> list[socket.socket]:

@@ -1,0 +1,180 @@
+"""Fetch locks on Redis: one holder per key across every node sharing one Redis.
+
+A lock is the key ``<prefix>lock:<key>`` holding a random token, set with
+``SET NX PX`` so it lives ``lease_seconds`` unless renewed. The holder renews it
+every ``renew_seconds`` with a script that extends it only while it still holds
+its own token; a renewal that finds another token (or none), or no renewal
+succeeding for a whole lease, marks the lease lost. Release deletes the key the
+same way (only our token) and publishes ``1`` (committed) or ``0`` on
+``<prefix>released:<key>``.
+
+A waiter subscribes to that channel before it looks at the key, so a release
+between the two cannot be missed; while no message comes it re-reads the key's
+remaining time, so a holder that died without releasing (SIGKILL, a lost
+network) frees its waiters when the lease runs out, not never.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from typing import Any
+
+import redis.asyncio
+from redis.exceptions import RedisError
+
+from pullthrough.cache.coordination import LEASE_SECONDS, RENEW_SECONDS, Lease
+
+log = logging.getLogger(__name__)
+
+PREFIX = "pullthrough:"
+# Extend the lease (milliseconds in ARGV[2]) only while it holds our token.
+_RENEW = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return 0
+"""
+# Delete the lock only while it holds our token; tell waiters either way when a
+# commit happened (the object is in the store whoever holds the key now).
+_RELEASE = """
+local held = redis.call('get', KEYS[1]) == ARGV[1]
+if held then redis.call('del', KEYS[1]) end
+if held or ARGV[2] == '1' then redis.call('publish', KEYS[2], ARGV[2]) end
+if held then return 1 end
+return 0
+"""
+# A waiter re-reads the key at least this often when nobody publishes, and a
+# little after the moment its lease would run out.
+_RECHECK_SLACK = 0.05
+
+
+class RedisLease:
+    """A held lock, renewed by a background task until released."""
+
+    def __init__(self, locks: RedisLocks, key: str, token: str) -> None:
+        self.key = key
+        self._locks = locks
+        self._token = token
+        # Past this (monotonic) moment the key may have expired: the last renewal
+        # that succeeded was sent before it minus one lease.
+        self._valid_until = time.monotonic() + locks.lease_seconds
+        self._lost = False
+        self._released = False
+        self._heartbeat = asyncio.create_task(self._renew(), name=f"lease {key}")
+
+    @property
+    def lost(self) -> bool:
+        return self._lost or time.monotonic() >= self._valid_until
+
+    async def _renew(self) -> None:
+        locks = self._locks
+        while True:
+            await asyncio.sleep(locks.renew_seconds)
+            sent = time.monotonic()
+            try:
+                extended = await locks.renew_script(
+                    keys=[locks.lock_key(self.key)],
+                    args=[self._token, int(locks.lease_seconds * 1000)],
+                )
+            except RedisError as exc:
+                # Not lost yet: the key lives until _valid_until; keep trying.
+                log.warning("renewing the fetch lock on %s failed: %s", self.key, exc)
+                if self.lost:
+                    self._lost = True
+                    return
+                continue
+            if not extended:
+                self._lost = True
+                log.warning("the fetch lock on %s was lost (its lease ran out)", self.key)
+                return
+            self._valid_until = sent + locks.lease_seconds
+
+    async def release(self, *, committed: bool) -> None:
+        if self._released:
+            return
+        self._released = True
+        self._locks.leases.discard(self)
+        self._heartbeat.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._heartbeat
+        locks = self._locks
+        try:
+            await locks.release_script(
+                keys=[locks.lock_key(self.key), locks.channel(self.key)],
+                args=[self._token, "1" if committed else "0"],
+            )
+        except RedisError as exc:
+            # The lease runs out by itself; waiters notice that.
+            log.warning("releasing the fetch lock on %s failed: %s", self.key, exc)
+
+
+class RedisLocks:
+    """``FetchLocks`` on Redis (see the module doc)."""
+
+    def __init__(
+        self,
+        client: redis.asyncio.Redis,
+        *,
+        prefix: str = PREFIX,
+        lease_seconds: float = LEASE_SECONDS,
+        renew_seconds: float = RENEW_SECONDS,
+    ) -> None:
+        if not 0 < renew_seconds < lease_seconds:
+            raise ValueError("renew_seconds must be positive and shorter than lease_seconds")
+        self.client = client
+        self.prefix = prefix
+        self.lease_seconds = lease_seconds
+        self.renew_seconds = renew_seconds
+        self.renew_script = client.register_script(_RENEW)
+        self.release_script = client.register_script(_RELEASE)
+        self.leases: set[RedisLease] = set()  # held here, released on close
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> RedisLocks:
+        return cls(redis.asyncio.Redis.from_url(url, socket_connect_timeout=5), **options)
+
+    def lock_key(self, key: str) -> str:
+        return f"{self.prefix}lock:{key}"
+
+    def channel(self, key: str) -> str:
+        return f"{self.prefix}released:{key}"
+
+    async def acquire(self, key: str) -> Lease | None:
+        token = secrets.token_hex(16)
+        taken = await self.client.set(
+            self.lock_key(key), token, nx=True, px=int(self.lease_seconds * 1000)
+        )
+        if not taken:
+            return None
+        lease = RedisLease(self, key, token)
+        self.leases.add(lease)
+        return lease
+
+    async def wait(self, key: str) -> bool:
+        pubsub = self.client.pubsub()
+        try:
+            await pubsub.subscribe(self.channel(key))
+            # The confirmation: from here on no release can go unseen.
+            while await pubsub.get_message(timeout=self.lease_seconds) is None:
+                pass
+            while True:
+                left = await self.client.pttl(self.lock_key(key))
+                if left < 0:  # -2: no such key (released or expired)
+                    return False
+                wait = min(left / 1000 + _RECHECK_SLACK, self.lease_seconds)
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait)
+                if message is not None and message["type"] == "message":
+                    return bytes(message["data"]) == b"1"
+        finally:
+            with contextlib.suppress(RedisError):
+                await pubsub.unsubscribe()
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def close(self) -> None:
+        for lease in list(self.leases):
+            await lease.release(committed=False)
+        await self.client.aclose()

@@ -13,14 +13,16 @@ import aiohttp
 from pullthrough.cache import stores
 from pullthrough.cache.archive import remove_abandoned_imports
 from pullthrough.cache.blobs import BlobStore
-from pullthrough.cache.index import TagIndex
+from pullthrough.cache.coordination import FetchLocks, LocalLocks
 from pullthrough.cache.layout import Layout
 from pullthrough.cache.manifests import ManifestStore
+from pullthrough.cache.redis_locks import RedisLocks
+from pullthrough.cache.redis_tags import RedisTags
 from pullthrough.cache.space import WriteFailures
 from pullthrough.metrics import Metrics
 from pullthrough.proxy.config import Settings, UpstreamSettings
 from pullthrough.proxy.housekeeping import Housekeeper
-from pullthrough.proxy.images import CachedImages, known_upstreams, rekey_tags
+from pullthrough.proxy.images import CachedImages, known_upstreams, open_tags, rekey_tags
 from pullthrough.proxy.mirror import Mirror, Mirrors
 from pullthrough.proxy.readahead import ReadAhead, ReadAheadSettings
 from pullthrough.proxy.upstream import (
@@ -42,6 +44,14 @@ def layouts(settings: Settings) -> dict[str, Layout]:
     is in cache/stores.py)."""
     pairs = ((up.name, up.has_credentials) for up in settings.all_upstreams())
     return stores.layouts(settings.cache_dir.resolve(), pairs)
+
+
+def fetch_locks(settings: Settings) -> FetchLocks:
+    """One upstream fetch per blob: across the nodes sharing ``redis_url``, else
+    within this process. The caller closes it."""
+    if settings.redis_url is None:
+        return LocalLocks()
+    return RedisLocks.from_url(settings.redis_url)
 
 
 def _upstream_client(
@@ -92,7 +102,7 @@ async def open_mirrors(settings: Settings, metrics: Metrics) -> AsyncIterator[Re
     def count_failure(reason: str) -> None:
         metrics.cache_write_failures.labels(reason).inc()
 
-    tags = TagIndex(stores.index_dir(root), WriteFailures(count_failure))
+    tags = open_tags(settings, WriteFailures(count_failure))
     moved = await asyncio.to_thread(rekey_tags, tags, known_upstreams(settings))
     if moved:
         log.info("moved %d tag entries from upstream URLs to upstream names", moved)
@@ -153,4 +163,7 @@ async def open_mirrors(settings: Settings, metrics: Metrics) -> AsyncIterator[Re
             await blobs.close()
         await session.close()
         await redirect_session.close()
-        tags.close()
+        if isinstance(tags, RedisTags):
+            await tags.aclose()
+        else:
+            tags.close()

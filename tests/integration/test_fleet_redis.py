@@ -87,3 +87,25 @@ def test_an_unreachable_redis_stops_the_server_and_the_tools_with_one_line(
         assert "redis_url redis://:***@127.0.0.1" in lines[0]
         assert "hunter2" not in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_a_node_whose_redis_goes_away_still_serves_pulls(
+    make_registry: RegistryFactory, skopeo_cli: Skopeo, tmp_path: Path
+) -> None:
+    first, second = (make_image("team/gone", tag, seed=f"gone-{tag}") for tag in ("1", "2"))
+    origin = make_registry(seed=[first, second])
+    with RedisServer(tmp_path / "redis") as server:
+        node = MirrorProcess(
+            tmp_path / "node", origin.url, env={"PULLTHROUGH_REDIS_URL": server.url}
+        )
+        node.start()
+    try:  # Redis has stopped: tags are asked of the upstream, pulls still work
+        host = node.url.removeprefix("http://")
+        for image in (first, second):
+            skopeo_cli.copy(f"docker://{host}/{image.ref}", f"dir:{tmp_path / image.tag}")
+            assert (tmp_path / image.tag / "manifest.json").read_bytes() == image.top.data
+        log = node.log.read_text()
+    finally:
+        node.stop()
+    assert "Traceback" not in log
+    assert "Redis: reading the tag team/gone:1 failed" in log

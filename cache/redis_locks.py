@@ -8,10 +8,12 @@ succeeding for a whole lease, marks the lease lost. Release deletes the key the
 same way (only our token) and publishes ``1`` (committed) or ``0`` on
 ``<prefix>released:<key>``.
 
-A waiter subscribes to that channel before it looks at the key, so a release
-between the two cannot be missed; while no message comes it re-reads the key's
-remaining time, so a holder that died without releasing (SIGKILL, a lost
-network) frees its waiters when the lease runs out, not never.
+Each ``RedisLocks`` subscribes once to every such channel (one pattern, one
+connection, however many waits run) and hands messages to its waiters. A waiter
+registers before it looks at the key, so a release between the two cannot be
+missed; while no message comes it re-reads the key's remaining time, so a holder
+that died without releasing (SIGKILL, a lost network) frees its waiters when the
+lease runs out, not never.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import time
 from typing import Any
 
 import redis.asyncio
+from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from pullthrough.cache.coordination import LEASE_SECONDS, RENEW_SECONDS, Lease
@@ -50,6 +53,10 @@ return 0
 # A waiter re-reads the key at least this often when nobody publishes, and a
 # little after the moment its lease would run out.
 _RECHECK_SLACK = 0.05
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 class RedisLease:
@@ -132,6 +139,10 @@ class RedisLocks:
         self.renew_script = client.register_script(_RENEW)
         self.release_script = client.register_script(_RELEASE)
         self.leases: set[RedisLease] = set()  # held here, released on close
+        self._waiters: dict[str, set[asyncio.Future[bool]]] = {}
+        self._subscribing = asyncio.Lock()
+        self._pubsub: PubSub | None = None
+        self._listener: asyncio.Task[None] | None = None
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisLocks:
@@ -154,27 +165,72 @@ class RedisLocks:
         self.leases.add(lease)
         return lease
 
+    def waiting(self, key: str) -> int:
+        """How many ``wait`` calls on ``key`` are pending in this process."""
+        return len(self._waiters.get(key, ()))
+
     async def wait(self, key: str) -> bool:
-        pubsub = self.client.pubsub()
+        await self._listen()
+        told: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(key, set()).add(told)
         try:
-            await pubsub.subscribe(self.channel(key))
-            # The confirmation: from here on no release can go unseen.
-            while await pubsub.get_message(timeout=self.lease_seconds) is None:
-                pass
+            # Registered, and the subscription is live: a release from now on
+            # resolves ``told``, so looking at the key now cannot miss one.
             while True:
                 left = await self.client.pttl(self.lock_key(key))
                 if left < 0:  # -2: no such key (released or expired)
                     return False
-                wait = min(left / 1000 + _RECHECK_SLACK, self.lease_seconds)
-                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait)
-                if message is not None and message["type"] == "message":
-                    return bytes(message["data"]) == b"1"
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(
+                        min(left / 1000 + _RECHECK_SLACK, self.lease_seconds)
+                    ):
+                        return await asyncio.shield(told)
         finally:
-            with contextlib.suppress(RedisError):
-                await pubsub.unsubscribe()
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            waiters = self._waiters.get(key)
+            if waiters is not None:
+                waiters.discard(told)
+                if not waiters:
+                    del self._waiters[key]
+
+    async def _listen(self) -> None:
+        """Subscribe to every release (one pattern, one connection for all waits)."""
+        async with self._subscribing:
+            if self._listener is not None:
+                return
+            pubsub = self.client.pubsub()
+            await pubsub.psubscribe(_glob_escape(self.channel("")) + "*")
+            # The confirmation: from here on no release goes unseen.
+            while await pubsub.get_message(timeout=self.lease_seconds) is None:
+                pass
+            self._pubsub = pubsub
+            self._listener = asyncio.create_task(self._dispatch(pubsub), name="fetch lock releases")
+
+    async def _dispatch(self, pubsub: PubSub) -> None:
+        start = self.channel("")
+        while True:
+            try:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+            except RedisError as exc:
+                # Waiters still notice expiry and re-read keys meanwhile; redis-py
+                # subscribes again when it reconnects.
+                log.warning("Redis: listening for fetch lock releases failed: %s", exc)
+                await asyncio.sleep(1)
+                continue
+            if message is None or message["type"] != "pmessage":
+                continue
+            key = bytes(message["channel"]).decode().removeprefix(start)
+            committed = bytes(message["data"]) == b"1"
+            for told in self._waiters.pop(key, ()):
+                if not told.done():
+                    told.set_result(committed)
 
     async def close(self) -> None:
         for lease in list(self.leases):
             await lease.release(committed=False)
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+        if self._pubsub is not None:
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
         await self.client.aclose()

@@ -53,9 +53,7 @@ async def _redis(server: RedisServer) -> AsyncIterator[Locks]:
         return locks
 
     async def waiting(key: str) -> int:
-        locks = opened[0]
-        counts = await locks.client.pubsub_numsub(locks.channel(key))
-        return int(counts[0][1])
+        return sum(locks.waiting(key) for locks in opened)
 
     yield Locks(handle, waiting)
     for locks in opened:

@@ -422,3 +422,16 @@ async def test_kubernetes_manifests_fit_the_app(aiohttp_client: Client, tmp_path
     assert values["storage"].startswith("s3://")
     local = next(m for m in container["volumeMounts"] if m["mountPath"] == str(settings.cache_dir))
     assert local["name"] in {v["name"] for v in spec["template"]["spec"]["volumes"]}
+
+
+async def test_readme_fleet_queries_name_metrics_the_app_exposes(
+    aiohttp_client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    readme = (ROOT / "README.md").read_text()
+    section = readme.partition("\n## Several nodes\n")[2].partition("\n## ")[0]
+    queries = re.findall(r"```promql\n(.*?)```", section, re.DOTALL)
+    assert queries, "README's Several nodes section has no PromQL block"
+    named = set(METRIC.findall("".join(queries)))
+    assert len(named) >= 5
+    assert named <= await exposed_series(aiohttp_client, tmp_path)

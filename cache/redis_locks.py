@@ -146,13 +146,19 @@ class RedisLocks:
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisLocks:
-        return cls(redis.asyncio.Redis.from_url(url, socket_connect_timeout=5), **options)
+        # Redis answers in well under a millisecond: seconds mean it is gone.
+        # (A subscription's blocking read is not bound by socket_timeout.)
+        client = redis.asyncio.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        return cls(client, **options)
 
     def lock_key(self, key: str) -> str:
         return f"{self.prefix}lock:{key}"
 
     def channel(self, key: str) -> str:
         return f"{self.prefix}released:{key}"
+
+    # acquire and wait raise RedisError when Redis cannot be asked; a lease's
+    # renewal and release only log it (the lease runs out by itself).
 
     async def acquire(self, key: str) -> Lease | None:
         token = secrets.token_hex(16)

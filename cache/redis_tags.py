@@ -44,6 +44,8 @@ PREFIX = "pullthrough:"
 # Seconds to connect to Redis and to wait for an answer: it answers in well under
 # a millisecond, so seconds mean it is gone.
 TIMEOUT_SECONDS = 5.0
+# Tag keys read per round trip when walking the whole index (the command line, gc).
+SCAN_BATCH = 500
 
 # Store one tag list page and drop the least recently stored past the limit.
 # KEYS: page, order, sizes, total; ARGV: body, link, has link, at, now, limit, only if new.
@@ -142,7 +144,7 @@ class RedisTags:
     def _scan(self, kind: str) -> Iterator[tuple[str, list[str]]]:
         """(key, its names split) of every key of ``kind`` ("tag", "list")."""
         start = f"{self._prefix}{kind}:"
-        for raw in self._sync.scan_iter(match=_glob_escape(start) + "*", count=1000):
+        for raw in self._sync.scan_iter(match=_glob_escape(start) + "*", count=SCAN_BATCH):
             key = raw.decode() if isinstance(raw, bytes) else str(raw)
             names = key.removeprefix(start).split("\0")
             if len(names) == 3:
@@ -216,8 +218,23 @@ class RedisTags:
 
     def tags(self) -> Iterator[tuple[str, str, str, str, TagEntry]]:
         """Every (upstream, repository, tag, accept, entry) recorded."""
-        for key, (upstream, repository, tag) in self._scan("tag"):
-            fields: dict[bytes, bytes] = self._sync.hgetall(key)  # type: ignore[assignment]
+        batch: list[tuple[str, list[str]]] = []
+        for found in self._scan("tag"):
+            batch.append(found)
+            if len(batch) == SCAN_BATCH:
+                yield from self._entries(batch)
+                batch = []
+        yield from self._entries(batch)
+
+    def _entries(
+        self, batch: list[tuple[str, list[str]]]
+    ) -> Iterator[tuple[str, str, str, str, TagEntry]]:
+        """The entries of these tag keys, read in one round trip."""
+        with self._sync.pipeline(transaction=False) as pipe:
+            for key, _ in batch:
+                pipe.hgetall(key)
+            answers: list[dict[bytes, bytes]] = pipe.execute()
+        for (_, (upstream, repository, tag)), fields in zip(batch, answers, strict=True):
             for accept, raw in fields.items():
                 entry = _entry(raw)
                 if entry is not None:

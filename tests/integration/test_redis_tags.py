@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pullthrough.cache.index import Listing, TagEntry
-from pullthrough.cache.redis_tags import RedisTags
+from pullthrough.cache.redis_tags import SCAN_BATCH, RedisTags
 from pullthrough.cache.space import WriteFailures
 from tests.support.processes import free_port
 from tests.support.redis import RedisServer
@@ -56,3 +56,18 @@ async def test_a_redis_that_does_not_answer_costs_lookups_not_errors(tmp_path: P
         assert await never.get("docker.io", "library/alpine", "3.19", "*") is None
     finally:
         await never.aclose()
+
+
+async def test_walking_the_index_reads_every_entry_in_batches(redis_server: RedisServer) -> None:
+    tags = RedisTags(redis_server.url, prefix=redis_server.prefix())
+    try:
+        count = 2 * SCAN_BATCH + 7
+        for n in range(count):
+            await tags.put("docker.io", f"team/app{n}", "1", "*", ENTRY)
+        await tags.put("docker.io", "team/app0", "1", "x", ENTRY)  # two Accept keys, one tag
+        walked = sorted(tags.tags())
+        assert len(walked) == count + 1
+        assert walked[0] == ("docker.io", "team/app0", "1", "*", ENTRY)
+        assert walked[1] == ("docker.io", "team/app0", "1", "x", ENTRY)
+    finally:
+        await tags.aclose()

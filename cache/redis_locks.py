@@ -62,13 +62,13 @@ def _glob_escape(text: str) -> str:
 class RedisLease:
     """A held lock, renewed by a background task until released."""
 
-    def __init__(self, locks: RedisLocks, key: str, token: str) -> None:
+    def __init__(self, locks: RedisLocks, key: str, token: str, sent: float) -> None:
         self.key = key
         self._locks = locks
         self._token = token
-        # Past this (monotonic) moment the key may have expired: the last renewal
-        # that succeeded was sent before it minus one lease.
-        self._valid_until = time.monotonic() + locks.lease_seconds
+        # Past this (monotonic) moment the key may have expired: one lease after
+        # the SET, or the last renewal that succeeded, was sent.
+        self._valid_until = sent + locks.lease_seconds
         self._lost = False
         self._released = False
         self._heartbeat = asyncio.create_task(self._renew(), name=f"lease {key}")
@@ -162,12 +162,13 @@ class RedisLocks:
 
     async def acquire(self, key: str) -> Lease | None:
         token = secrets.token_hex(16)
+        sent = time.monotonic()
         taken = await self.client.set(
             self.lock_key(key), token, nx=True, px=int(self.lease_seconds * 1000)
         )
         if not taken:
             return None
-        lease = RedisLease(self, key, token)
+        lease = RedisLease(self, key, token, sent)
         self.leases.add(lease)
         return lease
 

@@ -22,7 +22,13 @@ from pullthrough.cache.space import WriteFailures
 from pullthrough.metrics import Metrics
 from pullthrough.proxy.config import Settings, UpstreamSettings
 from pullthrough.proxy.housekeeping import Housekeeper
-from pullthrough.proxy.images import CachedImages, known_upstreams, open_tags, rekey_tags
+from pullthrough.proxy.images import (
+    CachedImages,
+    Tags,
+    known_upstreams,
+    open_tags,
+    rekey_tags,
+)
 from pullthrough.proxy.mirror import Mirror, Mirrors
 from pullthrough.proxy.readahead import ReadAhead, ReadAheadSettings
 from pullthrough.proxy.upstream import (
@@ -82,6 +88,13 @@ def _upstream_client(
     )
 
 
+async def _close_tags(tags: Tags) -> None:
+    if isinstance(tags, RedisTags):
+        await tags.aclose()  # its asyncio client too
+    else:
+        tags.close()
+
+
 @dataclass
 class Resources:
     """Everything a mirror runs on; the server and the command line share it."""
@@ -103,7 +116,11 @@ async def open_mirrors(settings: Settings, metrics: Metrics) -> AsyncIterator[Re
         metrics.cache_write_failures.labels(reason).inc()
 
     tags = open_tags(settings, WriteFailures(count_failure))
-    moved = await asyncio.to_thread(rekey_tags, tags, known_upstreams(settings))
+    try:
+        moved = await asyncio.to_thread(rekey_tags, tags, known_upstreams(settings))
+    except BaseException:  # Redis not answering, an unreadable index
+        await _close_tags(tags)
+        raise
     if moved:
         log.info("moved %d tag entries from upstream URLs to upstream names", moved)
     images = CachedImages(root, by_upstream, tags, settings.pinned)
@@ -163,7 +180,4 @@ async def open_mirrors(settings: Settings, metrics: Metrics) -> AsyncIterator[Re
             await blobs.close()
         await session.close()
         await redirect_session.close()
-        if isinstance(tags, RedisTags):
-            await tags.aclose()
-        else:
-            tags.close()
+        await _close_tags(tags)

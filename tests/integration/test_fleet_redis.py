@@ -80,7 +80,8 @@ def test_an_unreachable_redis_stops_the_server_and_the_tools_with_one_line(
     pinned = run_cli(
         "cache", "pin", "alpine:3.19", cache=cache, upstream="http://127.0.0.1:9", env=env
     )
-    for result in (served, pinned):
+    warmed = run_cli("warm", "alpine:3.19", cache=cache, upstream="http://127.0.0.1:9", env=env)
+    for result in (served, pinned, warmed):
         assert result.returncode == 1
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1, result.stderr

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from pullthrough.cache.coordination import LocalLocks
+from pullthrough.proxy.resources import fetch_locks
 from tests.support.images import make_image
-from tests.support.mirror import MirrorProcess, run_cli
+from tests.support.mirror import MirrorProcess, run_cli, settings_for
 from tests.support.processes import free_port
 from tests.support.redis import RedisServer
 from tests.support.registry import RegistryFactory
@@ -110,3 +112,25 @@ def test_a_node_whose_redis_goes_away_still_serves_pulls(
         node.stop()
     assert "Traceback" not in log
     assert "Redis: reading the tag team/gone:1 failed" in log
+
+
+async def test_fetch_locks_are_shared_through_redis_url_and_local_without(
+    redis_url: str, tmp_path: Path
+) -> None:
+    key = "sha256:" + "f" * 64
+    alone = fetch_locks(settings_for(tmp_path / "c", "http://127.0.0.1:9"))
+    assert isinstance(alone, LocalLocks)
+    await alone.close()
+    shared = settings_for(tmp_path / "c", "http://127.0.0.1:9", redis_url=redis_url)
+    one, two = fetch_locks(shared), fetch_locks(shared)
+    try:
+        lease = await one.acquire(key)
+        assert lease is not None
+        assert await two.acquire(key) is None  # another node's handle
+        await lease.release(committed=True)
+        again = await two.acquire(key)
+        assert again is not None
+        await again.release(committed=False)
+    finally:
+        await one.close()
+        await two.close()

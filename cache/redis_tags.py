@@ -128,6 +128,8 @@ class RedisTags:
         self._put_listing_sync = self._sync.register_script(_PUT_LISTING)
         self._drop_listing_sync = self._sync.register_script(_DROP_LISTING)
         self._warned = 0.0
+        # The pins as this handle last read or wrote them (see set_pins).
+        self._pins_seen: set[str] | None = None
 
     # -- keys -----------------------------------------------------------------------
 
@@ -272,15 +274,26 @@ class RedisTags:
 
     def pins(self) -> set[str]:
         members: set[bytes] = self._sync.smembers(f"{self._prefix}pins")  # type: ignore[assignment]
-        return {m.decode() for m in members}
+        self._pins_seen = {m.decode() for m in members}
+        return set(self._pins_seen)
 
     def set_pins(self, pins: set[str]) -> None:
+        """Make the pins ``pins``: as a change from what ``pins()`` (or the last
+        ``set_pins``) of this handle saw, so that two nodes pinning at once both
+        keep their pin (``pullthrough cache pin`` reads, adds, then writes)."""
         key = f"{self._prefix}pins"
         with self._sync.pipeline(transaction=True) as pipe:
-            pipe.delete(key)
-            if pins:
-                pipe.sadd(key, *sorted(pins))
+            if self._pins_seen is None:
+                pipe.delete(key)
+                added, removed = pins, set()
+            else:
+                added, removed = pins - self._pins_seen, self._pins_seen - pins
+            if added:
+                pipe.sadd(key, *sorted(added))
+            if removed:
+                pipe.srem(key, *sorted(removed))
             pipe.execute()
+        self._pins_seen = set(pins)
 
     def ping(self) -> None:
         """Raise RedisError unless Redis answers (checked at start-up)."""

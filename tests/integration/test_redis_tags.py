@@ -71,3 +71,30 @@ async def test_walking_the_index_reads_every_entry_in_batches(redis_server: Redi
         assert walked[1] == ("docker.io", "team/app0", "1", "x", ENTRY)
     finally:
         await tags.aclose()
+
+
+def test_two_nodes_pinning_at_once_both_keep_their_pin(redis_server: RedisServer) -> None:
+    prefix = redis_server.prefix()
+    one, two = (RedisTags(redis_server.url, prefix=prefix) for _ in range(2))
+    try:
+        one.set_pins({"docker.io/library/base:1"})
+        # Both read the pins, then both write what they read plus their own.
+        seen_one, seen_two = one.pins(), two.pins()
+        one.set_pins(seen_one | {"docker.io/library/a:1"})
+        two.set_pins(seen_two | {"docker.io/library/b:1"})
+        assert one.pins() == {
+            "docker.io/library/base:1",
+            "docker.io/library/a:1",
+            "docker.io/library/b:1",
+        }
+        seen_one, seen_two = one.pins(), two.pins()
+        one.set_pins(seen_one - {"docker.io/library/a:1"})  # unpin a
+        two.set_pins(seen_two | {"docker.io/library/c:1"})  # meanwhile pin c
+        assert two.pins() == {
+            "docker.io/library/base:1",
+            "docker.io/library/b:1",
+            "docker.io/library/c:1",
+        }
+    finally:
+        one.close()
+        two.close()

@@ -8,6 +8,10 @@ succeeding for a whole lease, marks the lease lost. Release deletes the key the
 same way (only our token) and publishes ``1`` (committed) or ``0`` on
 ``<prefix>released:<key>``.
 
+While Redis cannot be asked, locks fall back to this process's own
+(``LocalLocks``): a fleet without Redis fetches a blob once per node rather than
+not at all, and the store's verified commit keeps every copy whole.
+
 Each ``RedisLocks`` subscribes once to every such channel (one pattern, one
 connection, however many waits run) and hands messages to its waiters. A waiter
 registers before it looks at the key, so a release between the two cannot be
@@ -29,7 +33,7 @@ import redis.asyncio
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
-from pullthrough.cache.coordination import LEASE_SECONDS, RENEW_SECONDS, Lease
+from pullthrough.cache.coordination import LEASE_SECONDS, RENEW_SECONDS, Lease, LocalLocks
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +54,11 @@ if held or ARGV[2] == '1' then redis.call('publish', KEYS[2], ARGV[2]) end
 if held then return 1 end
 return 0
 """
-# A waiter re-reads the key at least this often when nobody publishes, and a
-# little after the moment its lease would run out.
+# When nobody publishes, a waiter re-reads the key this long after the moment its
+# lease would run out (and at least once a lease).
 _RECHECK_SLACK = 0.05
+# While Redis fails, say so at most this often.
+_WARN_EVERY_SECONDS = 60.0
 
 
 def _glob_escape(text: str) -> str:
@@ -143,6 +149,8 @@ class RedisLocks:
         self._subscribing = asyncio.Lock()
         self._pubsub: PubSub | None = None
         self._listener: asyncio.Task[None] | None = None
+        self._local = LocalLocks()  # while Redis cannot be asked
+        self._warned = -_WARN_EVERY_SECONDS
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisLocks:
@@ -157,15 +165,22 @@ class RedisLocks:
     def channel(self, key: str) -> str:
         return f"{self.prefix}released:{key}"
 
-    # acquire and wait raise RedisError when Redis cannot be asked; a lease's
-    # renewal and release only log it (the lease runs out by itself).
+    def _unreachable(self, exc: RedisError) -> None:
+        now = time.monotonic()
+        if now - self._warned >= _WARN_EVERY_SECONDS:
+            self._warned = now
+            log.warning("Redis: fetch locks held in this process only for now: %s", exc)
 
     async def acquire(self, key: str) -> Lease | None:
         token = secrets.token_hex(16)
         sent = time.monotonic()
-        taken = await self.client.set(
-            self.lock_key(key), token, nx=True, px=int(self.lease_seconds * 1000)
-        )
+        try:
+            taken = await self.client.set(
+                self.lock_key(key), token, nx=True, px=int(self.lease_seconds * 1000)
+            )
+        except RedisError as exc:
+            self._unreachable(exc)
+            return await self._local.acquire(key)
         if not taken:
             return None
         lease = RedisLease(self, key, token, sent)
@@ -177,7 +192,13 @@ class RedisLocks:
         return len(self._waiters.get(key, ()))
 
     async def wait(self, key: str) -> bool:
-        await self._listen()
+        if key in self._local.held:  # taken while Redis could not be asked
+            return await self._local.wait(key)
+        try:
+            await self._listen()
+        except RedisError as exc:
+            self._unreachable(exc)
+            return False
         told: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(key, set()).add(told)
         try:
@@ -185,6 +206,8 @@ class RedisLocks:
             # resolves ``told``, so looking at the key now cannot miss one.
             while True:
                 left = await self.client.pttl(self.lock_key(key))
+                if told.done():  # released while the key was read
+                    return told.result()
                 if left < 0:  # -2: no such key (released or expired)
                     return False
                 with contextlib.suppress(TimeoutError):
@@ -192,6 +215,11 @@ class RedisLocks:
                         min(left / 1000 + _RECHECK_SLACK, self.lease_seconds)
                     ):
                         return await asyncio.shield(told)
+        except RedisError as exc:
+            # Unknown: "not committed" has the caller look in the store and try
+            # to fetch (a lock of this process's own if Redis is still away).
+            self._unreachable(exc)
+            return False
         finally:
             waiters = self._waiters.get(key)
             if waiters is not None:
@@ -205,24 +233,34 @@ class RedisLocks:
             if self._listener is not None:
                 return
             pubsub = self.client.pubsub()
-            await pubsub.psubscribe(_glob_escape(self.channel("")) + "*")
-            # The confirmation: from here on no release goes unseen.
-            while await pubsub.get_message(timeout=self.lease_seconds) is None:
-                pass
+            try:
+                await pubsub.psubscribe(_glob_escape(self.channel("")) + "*")
+                # The confirmation: from here on no release goes unseen.
+                while await pubsub.get_message(timeout=self.lease_seconds) is None:
+                    pass
+            except BaseException:
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                raise
             self._pubsub = pubsub
             self._listener = asyncio.create_task(self._dispatch(pubsub), name="fetch lock releases")
 
     async def _dispatch(self, pubsub: PubSub) -> None:
         start = self.channel("")
+        failing = False
         while True:
             try:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
             except RedisError as exc:
                 # Waiters still notice expiry and re-read keys meanwhile; redis-py
-                # subscribes again when it reconnects.
-                log.warning("Redis: listening for fetch lock releases failed: %s", exc)
+                # subscribes again once it reconnects.
+                if not failing:
+                    log.warning("Redis: listening for fetch lock releases failed: %s", exc)
+                failing = True
                 await asyncio.sleep(1)
                 continue
+            if failing:
+                log.info("Redis: listening for fetch lock releases again")
+                failing = False
             if message is None or message["type"] != "pmessage":
                 continue
             key = bytes(message["channel"]).decode().removeprefix(start)
@@ -234,6 +272,7 @@ class RedisLocks:
     async def close(self) -> None:
         for lease in list(self.leases):
             await lease.release(committed=False)
+        await self._local.close()
         if self._listener is not None:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -8,13 +8,16 @@ process (for Redis: its own client and connections).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import redis.asyncio
+from redis.exceptions import RedisError
 
 from pullthrough.cache.coordination import FetchLocks, LocalLocks
 from pullthrough.cache.redis_locks import RedisLocks
@@ -197,3 +200,58 @@ async def test_a_lost_lease_is_reported_and_its_release_frees_nothing(
     finally:
         await other.aclose()
         await locks.close()
+
+
+async def test_without_redis_locks_hold_in_the_process_and_redis_is_used_again(
+    tmp_path: Path,
+) -> None:
+    with RedisServer(tmp_path / "redis") as server:
+        options = {"lease_seconds": 2.0, "renew_seconds": 0.5}
+        holder = RedisLocks.from_url(server.url, **options)
+        waiter = RedisLocks.from_url(server.url, **options)
+        admin = redis.asyncio.Redis.from_url(server.url)
+        try:
+            first = await holder.acquire(KEY)
+            assert first is not None
+            before = asyncio.create_task(waiter.wait(KEY))  # subscribes
+            await _until_waiting(Locks(lambda: waiter, _count(waiter)), KEY, 1)
+            server.stop()
+            async with asyncio.timeout(30):
+                assert await before is False  # unknown: look in the store
+            # Redis away: one holder per key in this process still.
+            local = await holder.acquire("other")
+            assert local is not None
+            assert await holder.acquire("other") is None
+            told = asyncio.create_task(holder.wait("other"))
+            await asyncio.sleep(0)
+            await local.release(committed=True)
+            assert await told is True
+
+            server.start()  # same port, empty
+
+            async def resubscribed() -> bool:
+                with contextlib.suppress(RedisError):
+                    answer = await admin.execute_command("PUBSUB", "NUMPAT")  # type: ignore[no-untyped-call]
+                    return int(answer) == 1
+                return False
+
+            await _until(resubscribed)
+            second = await holder.acquire(KEY)
+            assert second is not None
+            assert await admin.exists(holder.lock_key(KEY)) == 1  # in Redis again
+            after = asyncio.create_task(waiter.wait(KEY))
+            await _until_waiting(Locks(lambda: waiter, _count(waiter)), KEY, 1)
+            await second.release(committed=True)
+            async with asyncio.timeout(10):
+                assert await after is True  # told by pub/sub again
+        finally:
+            await admin.aclose()
+            await holder.close()
+            await waiter.close()
+
+
+def _count(locks: RedisLocks) -> Callable[[str], Awaitable[int]]:
+    async def waiting(key: str) -> int:
+        return locks.waiting(key)
+
+    return waiting

@@ -127,7 +127,7 @@ class RedisTags:
         self._put_listing = self._async.register_script(_PUT_LISTING)
         self._put_listing_sync = self._sync.register_script(_PUT_LISTING)
         self._drop_listing_sync = self._sync.register_script(_DROP_LISTING)
-        self._warned = 0.0
+        self._warned = -60.0  # the first failure is logged
         # The pins as this handle last read or wrote them (see set_pins).
         self._pins_seen: set[str] | None = None
 

@@ -92,6 +92,32 @@ def listen_address(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _check_redis_url(value: str) -> None:
+    try:
+        url = URL(value)
+    except ValueError:
+        url = URL()
+    if url.scheme == "unix" and url.path not in ("", "/"):
+        return
+    if url.scheme not in ("redis", "rediss") or not url.host:
+        raise ConfigError(
+            f"redis_url must be redis://host[:port][/db], rediss://... or unix:///path, "
+            f"not {redis_display(value)!r}"
+        )
+    db = url.path.strip("/")
+    if db and not db.isdigit():
+        raise ConfigError(f"redis_url: the database after the host must be a number, not {db!r}")
+
+
+def redis_display(value: str) -> str:
+    """A Redis URL for messages and logs: its password replaced."""
+    try:
+        url = URL(value)
+    except ValueError:
+        return "(not a URL)"
+    return str(url.with_password("***")) if url.password else value
+
+
 # The user name rules use for clients that sent no credentials.
 ANONYMOUS = "anonymous"
 # In a rule's user list: every user in the htpasswd file.
@@ -362,6 +388,10 @@ class Settings:
     # Answer blob GETs for cached blobs with a 307 to a presigned S3 URL, as
     # distribution's S3 driver does: the bytes then flow from storage to clients.
     redirect: bool = False
+    # Several nodes: a Redis (redis://[:password@]host:6379/0, rediss:// for TLS,
+    # unix:///path.sock) that holds what every node must share: the tag index and
+    # its freshness, tag lists and pins. None: all of it in cache_dir (one node).
+    redis_url: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         _check_host(self.host)
@@ -444,6 +474,8 @@ class Settings:
             raise ConfigError(f"event_loop must be asyncio or uvloop, not {self.event_loop!r}")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format must be text or json, not {self.log_format!r}")
+        if self.redis_url is not None:
+            _check_redis_url(self.redis_url)
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR: {self.log_level}")
 

@@ -295,6 +295,12 @@ class Mirror:
             return _answer(cached, "cache")
         if self.offline:
             raise ManifestUnknown(f"{repository}:{tag} is not cached (offline mode)")
+        if entry is not None and entry.age() < self.tag_ttl:
+            # Fresh, but its manifest is not in this store: another node checked
+            # the tag (a tag index on Redis is shared) and keeps the manifest in
+            # its own, or it was evicted. What the tag points to is known: ask
+            # for that digest, not the tag again.
+            return await self._by_digest(repository, Digest.parse(entry.digest), accept, head=head)
         if entry is None and not head:
             # A tag never seen: a HEAD first would cost a round trip and save no
             # pull (HEAD + GET and GET alone both spend one on Docker Hub).

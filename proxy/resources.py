@@ -14,18 +14,25 @@ import aiohttp
 from pullthrough.cache import stores
 from pullthrough.cache.archive import remove_abandoned_imports
 from pullthrough.cache.blobs import BlobStore
-from pullthrough.cache.coordination import LocalLocks
+from pullthrough.cache.coordination import FetchLocks, LocalLocks
 from pullthrough.cache.errors import StorageUnavailable
-from pullthrough.cache.index import TagIndex
 from pullthrough.cache.layout import Layout
 from pullthrough.cache.manifests import ManifestStore
+from pullthrough.cache.redis_locks import RedisLocks
+from pullthrough.cache.redis_tags import RedisTags
 from pullthrough.cache.s3_location import S3Location
 from pullthrough.cache.space import WriteFailures
 from pullthrough.cache.storage import BlobStorage, ManifestStorage
 from pullthrough.metrics import Metrics
 from pullthrough.proxy.config import Settings, UpstreamSettings
 from pullthrough.proxy.housekeeping import Housekeeper
-from pullthrough.proxy.images import CachedImages, known_upstreams, rekey_tags
+from pullthrough.proxy.images import (
+    CachedImages,
+    Tags,
+    known_upstreams,
+    open_tags,
+    rekey_tags,
+)
 from pullthrough.proxy.mirror import Mirror, Mirrors
 from pullthrough.proxy.readahead import ReadAhead, ReadAheadSettings
 from pullthrough.proxy.upstream import (
@@ -50,6 +57,14 @@ def layouts(settings: Settings) -> dict[str, Layout]:
     is in cache/stores.py)."""
     pairs = ((up.name, up.has_credentials) for up in settings.all_upstreams())
     return stores.layouts(settings.cache_dir.resolve(), pairs)
+
+
+def fetch_locks(settings: Settings) -> FetchLocks:
+    """One upstream fetch per blob: across the nodes sharing ``redis_url``, else
+    within this process. The caller closes it."""
+    if settings.redis_url is None:
+        return LocalLocks()
+    return RedisLocks.from_url(settings.redis_url)
 
 
 def _upstream_client(
@@ -81,7 +96,11 @@ def _upstream_client(
 
 
 async def _s3_stores(
-    location: S3Location, layout: Layout, settings: Settings, on_corrupt: Callable[[], None]
+    location: S3Location,
+    layout: Layout,
+    settings: Settings,
+    locks: FetchLocks,
+    on_corrupt: Callable[[], None],
 ) -> tuple[S3BlobStore, S3ManifestStore]:
     """The blob and manifest stores of one S3 place; this node stages downloads
     under its cache's ``tmp/s3``. Uploads of downloads that died (on any node)
@@ -90,9 +109,7 @@ async def _s3_stores(
 
     blobs = S3BlobStore(
         location,
-        # One process's locks: several workers or nodes share one fetch per blob
-        # once this is the Redis implementation of FetchLocks.
-        locks=LocalLocks(),
+        locks=locks,
         staging=layout.tmp / "s3",
         redirect=settings.redirect,
     )
@@ -104,6 +121,13 @@ async def _s3_stores(
     if removed:
         log.info("removed %d staging files and dead uploads of %s", removed, location)
     return blobs, S3ManifestStore(location, on_corrupt=on_corrupt)
+
+
+async def _close_tags(tags: Tags) -> None:
+    if isinstance(tags, RedisTags):
+        await tags.aclose()  # its asyncio client too
+    else:
+        tags.close()
 
 
 @dataclass
@@ -126,8 +150,12 @@ async def open_mirrors(settings: Settings, metrics: Metrics) -> AsyncIterator[Re
     def count_failure(reason: str) -> None:
         metrics.cache_write_failures.labels(reason).inc()
 
-    tags = TagIndex(stores.index_dir(root), WriteFailures(count_failure))
-    moved = await asyncio.to_thread(rekey_tags, tags, known_upstreams(settings))
+    tags = open_tags(settings, WriteFailures(count_failure))
+    try:
+        moved = await asyncio.to_thread(rekey_tags, tags, known_upstreams(settings))
+    except BaseException:  # Redis not answering, an unreadable index
+        await _close_tags(tags)
+        raise
     if moved:
         log.info("moved %d tag entries from upstream URLs to upstream names", moved)
     images = CachedImages(root, by_upstream, tags, settings.pinned)
@@ -135,12 +163,15 @@ async def open_mirrors(settings: Settings, metrics: Metrics) -> AsyncIterator[Re
     opened: dict[Layout, tuple[BlobStorage, ManifestStorage]] = {}
     closing: list[Callable[[], None]] = []
     location = settings.s3_location()
+    # One upstream fetch per blob on S3: across every node sharing redis_url.
+    locks = fetch_locks(settings) if location is not None else None
     for layout in distinct:
         corrupt = metrics.corrupt_objects.labels("manifest").inc
         if location is not None:
             # A private upstream's store (upstreams/<name>) keeps that sub-prefix.
             place = location.under(layout.root.relative_to(root).as_posix().strip("."))
-            blobs_s3, manifests_s3 = await _s3_stores(place, layout, settings, corrupt)
+            assert locks is not None
+            blobs_s3, manifests_s3 = await _s3_stores(place, layout, settings, locks, corrupt)
             closing.append(manifests_s3.close)
             opened[layout] = (blobs_s3, manifests_s3)
             continue
@@ -194,8 +225,10 @@ async def open_mirrors(settings: Settings, metrics: Metrics) -> AsyncIterator[Re
         await readahead.close()
         for blobs, _ in opened.values():
             await blobs.close()
+        if locks is not None:
+            await locks.close()
         for close in closing:
             close()
         await session.close()
         await redirect_session.close()
-        tags.close()
+        await _close_tags(tags)

@@ -2,14 +2,15 @@
 
 A backend is a factory of handles on one fresh storage: ``blobs()`` and
 ``manifests()`` each return a new handle, as another worker process would open
-one, so the suite can check what handles share. A new backend (S3, Redis) plugs
-in by adding a factory to ``BACKENDS``; the S3 one runs on SeaweedFS (``weed mini``).
+one, so the suite can check what handles share. A new backend plugs in by adding
+a factory to ``BACKENDS``; it gets the fixture request for the servers it needs
+(the S3 one runs on SeaweedFS's ``weed mini``, the Redis one on ``redis-server``).
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +23,16 @@ from pullthrough.cache.digests import Digest
 from pullthrough.cache.index import TagIndex
 from pullthrough.cache.layout import Layout
 from pullthrough.cache.manifests import ManifestStore
+from pullthrough.cache.redis_tags import RedisTags
 from pullthrough.cache.s3 import S3BlobStore, S3ManifestStore
 from pullthrough.cache.s3_location import S3Location
 from pullthrough.cache.storage import BlobStorage, ManifestStorage, TagStorage
+from tests.support.redis import RedisServer
 from tests.support.seaweed import SeaweedS3
+
+
+async def _nothing() -> None:
+    pass
 
 
 @dataclass
@@ -38,6 +45,8 @@ class Backend:
     # A blob held open keeps its bytes after removal (POSIX files do; an object
     # removed from S3 is gone for the reads still to come).
     holds_removed: bool = True
+    # Let go of what the handles opened on the test's event loop.
+    aclose: Callable[[], Awaitable[None]] = _nothing
 
 
 @contextmanager
@@ -111,13 +120,35 @@ def s3(root: Path, request: pytest.FixtureRequest) -> Iterator[Backend]:
             index.close()
 
 
+@contextmanager
+def redis(root: Path, request: pytest.FixtureRequest) -> Iterator[Backend]:
+    """Blobs and manifests on the filesystem, the tag index on a real Redis."""
+    server: RedisServer = request.getfixturevalue("redis_server")
+    prefix = server.prefix()
+    opened: list[RedisTags] = []
+
+    def tags() -> TagStorage:
+        index = RedisTags(server.url, prefix=prefix)
+        opened.append(index)
+        return index
+
+    async def aclose() -> None:
+        for index in opened:
+            await index.aclose()
+
+    with filesystem(root, request) as files:
+        yield Backend(files.blobs, files.manifests, tags, files.rot_manifest, aclose=aclose)
+
+
 BACKENDS: dict[str, Callable[[Path, pytest.FixtureRequest], AbstractContextManager[Backend]]] = {
     "filesystem": filesystem,
     "s3": s3,
+    "redis": redis,
 }
 
 
 @pytest.fixture(params=sorted(BACKENDS))
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
     with BACKENDS[request.param](tmp_path / "store", request) as made:
         yield made
+        await made.aclose()

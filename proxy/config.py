@@ -392,6 +392,10 @@ class Settings:
     # unix:///path.sock) that holds what every node must share: the tag index and
     # its freshness, tag lists and pins. None: all of it in cache_dir (one node).
     redis_url: str | None = field(default=None, repr=False)
+    # Seconds a node's claim to fetch a blob lives without renewal (it renews it
+    # every third of that while it downloads): how long the fleet waits before
+    # another node takes over the fetch of a node that died mid-download.
+    fetch_lease: float = 15.0
 
     def __post_init__(self) -> None:
         _check_host(self.host)
@@ -476,6 +480,8 @@ class Settings:
             raise ConfigError(f"log_format must be text or json, not {self.log_format!r}")
         if self.redis_url is not None:
             _check_redis_url(self.redis_url)
+        if not 1.0 <= self.fetch_lease <= 600.0:
+            raise ConfigError(f"fetch_lease must be 1 to 600 seconds, not {self.fetch_lease}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR: {self.log_level}")
 

@@ -64,7 +64,8 @@ def fetch_locks(settings: Settings) -> FetchLocks:
     within this process. The caller closes it."""
     if settings.redis_url is None:
         return LocalLocks()
-    return RedisLocks.from_url(settings.redis_url)
+    lease = settings.fetch_lease
+    return RedisLocks.from_url(settings.redis_url, lease_seconds=lease, renew_seconds=lease / 3)
 
 
 def _upstream_client(

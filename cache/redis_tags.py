@@ -31,19 +31,15 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import redis
-import redis.asyncio
 from redis.exceptions import RedisError
 
 from pullthrough.cache.index import LISTINGS_SIZE_LIMIT, Listing, TagEntry
+from pullthrough.cache.redis_client import async_client, blocking_client, glob_escape
 from pullthrough.cache.space import WriteFailures
 
 log = logging.getLogger(__name__)
 
 PREFIX = "pullthrough:"
-# Seconds to connect to Redis and to wait for an answer: it answers in well under
-# a millisecond, so seconds mean it is gone.
-TIMEOUT_SECONDS = 5.0
 # Tag keys read per round trip when walking the whole index (the command line, gc).
 SCAN_BATCH = 500
 
@@ -81,10 +77,6 @@ return 1
 """
 
 
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
-
-
 def _entry(raw: object) -> TagEntry | None:
     try:
         digest, media_type, fetched_at = json.loads(raw)  # type: ignore[arg-type]
@@ -115,12 +107,8 @@ class RedisTags:
         failures: WriteFailures | None = None,
         listings_limit: int = LISTINGS_SIZE_LIMIT,
     ) -> None:
-        options: dict[str, Any] = {
-            "socket_timeout": TIMEOUT_SECONDS,
-            "socket_connect_timeout": TIMEOUT_SECONDS,
-        }
-        self._async = redis.asyncio.Redis.from_url(url, **options)
-        self._sync = redis.Redis.from_url(url, **options)
+        self._async = async_client(url)
+        self._sync = blocking_client(url)
         self._prefix = prefix
         self._failures = failures or WriteFailures()
         self._listings_limit = listings_limit
@@ -146,7 +134,7 @@ class RedisTags:
     def _scan(self, kind: str) -> Iterator[tuple[str, list[str]]]:
         """(key, its names split) of every key of ``kind`` ("tag", "list")."""
         start = f"{self._prefix}{kind}:"
-        for raw in self._sync.scan_iter(match=_glob_escape(start) + "*", count=SCAN_BATCH):
+        for raw in self._sync.scan_iter(match=glob_escape(start) + "*", count=SCAN_BATCH):
             key = raw.decode() if isinstance(raw, bytes) else str(raw)
             names = key.removeprefix(start).split("\0")
             if len(names) == 3:

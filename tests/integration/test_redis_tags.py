@@ -4,9 +4,13 @@ costs lookups, never an error."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+import redis
+
 from pullthrough.cache.index import Listing, TagEntry
+from pullthrough.cache.redis_client import MAX_CONNECTIONS
 from pullthrough.cache.redis_tags import SCAN_BATCH, RedisTags
 from pullthrough.cache.space import WriteFailures
 from tests.support.processes import free_port
@@ -98,3 +102,20 @@ def test_two_nodes_pinning_at_once_both_keep_their_pin(redis_server: RedisServer
     finally:
         one.close()
         two.close()
+
+
+async def test_many_lookups_at_once_share_a_bounded_pool_of_connections(tmp_path: Path) -> None:
+    with RedisServer(tmp_path / "redis") as server:
+        tags = RedisTags(server.url)
+        admin = redis.Redis.from_url(server.url)
+        try:
+            await tags.put("docker.io", "library/alpine", "3.19", "*", ENTRY)
+            found = await asyncio.gather(
+                *(tags.get("docker.io", "library/alpine", "3.19", "*") for _ in range(500))
+            )
+            assert found == [ENTRY] * 500
+            clients = admin.client_list()
+            assert len(clients) <= MAX_CONNECTIONS + 1  # the pool's, and admin's own
+        finally:
+            admin.close()
+            await tags.aclose()

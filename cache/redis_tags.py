@@ -47,7 +47,8 @@ SCAN_BATCH = 500
 # KEYS: page, order, sizes, total; ARGV: body, link, has link, at, now, limit, only if new.
 _PUT_LISTING = """
 if ARGV[7] == '1' and redis.call('exists', KEYS[1]) == 1 then return 0 end
-local size = #ARGV[1] + #ARGV[2]
+-- The page's key is held three times (itself, in the order, in the sizes).
+local size = #ARGV[1] + #ARGV[2] + 3 * #KEYS[1]
 local old = tonumber(redis.call('hget', KEYS[3], KEYS[1]) or '0')
 redis.call('del', KEYS[1])
 redis.call('hset', KEYS[1], 'body', ARGV[1], 'at', ARGV[4])

@@ -22,14 +22,14 @@ ENTRY = TagEntry("sha256:" + "a" * 64, "application/vnd.oci.image.index.v1+json"
 async def test_tag_list_pages_past_the_bound_drop_the_least_recently_stored(
     redis_server: RedisServer,
 ) -> None:
-    tags = RedisTags(redis_server.url, prefix=redis_server.prefix(), listings_limit=3000)
+    tags = RedisTags(redis_server.url, prefix=redis_server.prefix(), listings_limit=3500)
     try:
         page = Listing(b"x" * 1000, None, 1.0)
         for n in range(3):
             await tags.put_listing("docker.io", f"r{n}", "", page)
         assert all([await tags.get_listing("docker.io", f"r{n}", "") for n in range(3)])
         await tags.put_listing("docker.io", "r0", "", page)  # stored again: newest now
-        await tags.put_listing("docker.io", "r3", "", page)  # 4000 bytes: one must go
+        await tags.put_listing("docker.io", "r3", "", page)  # over 4000 bytes: one must go
         assert await tags.get_listing("docker.io", "r1", "") is None
         for n in (0, 2, 3):
             assert await tags.get_listing("docker.io", f"r{n}", "") == page
@@ -37,6 +37,14 @@ async def test_tag_list_pages_past_the_bound_drop_the_least_recently_stored(
         for n in range(8):
             await tags.put_listing("docker.io", f"more{n}", "", page)
         assert await tags.get("docker.io", "r1", "1", "*") == ENTRY
+        # Small pages under long keys (?last= a long tag): the keys count too.
+        tiny = Listing(b"{}", None, 1.0)
+        for n in range(50):
+            await tags.put_listing("docker.io", "r", f"last={'t' * 120}{n}&n=1", tiny)
+        kept = [
+            await tags.get_listing("docker.io", "r", f"last={'t' * 120}{n}&n=1") for n in range(50)
+        ]
+        assert 0 < sum(page is not None for page in kept) < 10
     finally:
         await tags.aclose()
 

@@ -34,6 +34,7 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from pullthrough.cache.coordination import LEASE_SECONDS, RENEW_SECONDS, Lease, LocalLocks
+from pullthrough.cache.redis_client import async_client, glob_escape
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +60,6 @@ return 0
 _RECHECK_SLACK = 0.05
 # While Redis fails, say so at most this often.
 _WARN_EVERY_SECONDS = 60.0
-
-
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 class RedisLease:
@@ -154,10 +151,7 @@ class RedisLocks:
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisLocks:
-        # Redis answers in well under a millisecond: seconds mean it is gone.
-        # (A subscription's blocking read is not bound by socket_timeout.)
-        client = redis.asyncio.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
-        return cls(client, **options)
+        return cls(async_client(url), **options)
 
     def lock_key(self, key: str) -> str:
         return f"{self.prefix}lock:{key}"
@@ -234,7 +228,7 @@ class RedisLocks:
                 return
             pubsub = self.client.pubsub()
             try:
-                await pubsub.psubscribe(_glob_escape(self.channel("")) + "*")
+                await pubsub.psubscribe(glob_escape(self.channel("")) + "*")
                 # The confirmation: from here on no release goes unseen.
                 while await pubsub.get_message(timeout=self.lease_seconds) is None:
                     pass

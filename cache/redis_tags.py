@@ -31,19 +31,15 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import redis
-import redis.asyncio
 from redis.exceptions import RedisError
 
 from pullthrough.cache.index import LISTINGS_SIZE_LIMIT, Listing, TagEntry
+from pullthrough.cache.redis_client import async_client, blocking_client, glob_escape
 from pullthrough.cache.space import WriteFailures
 
 log = logging.getLogger(__name__)
 
 PREFIX = "pullthrough:"
-# Seconds to connect to Redis and to wait for an answer: it answers in well under
-# a millisecond, so seconds mean it is gone.
-TIMEOUT_SECONDS = 5.0
 # Tag keys read per round trip when walking the whole index (the command line, gc).
 SCAN_BATCH = 500
 
@@ -51,7 +47,8 @@ SCAN_BATCH = 500
 # KEYS: page, order, sizes, total; ARGV: body, link, has link, at, now, limit, only if new.
 _PUT_LISTING = """
 if ARGV[7] == '1' and redis.call('exists', KEYS[1]) == 1 then return 0 end
-local size = #ARGV[1] + #ARGV[2]
+-- The page's key is held three times (itself, in the order, in the sizes).
+local size = #ARGV[1] + #ARGV[2] + 3 * #KEYS[1]
 local old = tonumber(redis.call('hget', KEYS[3], KEYS[1]) or '0')
 redis.call('del', KEYS[1])
 redis.call('hset', KEYS[1], 'body', ARGV[1], 'at', ARGV[4])
@@ -79,10 +76,6 @@ redis.call('zrem', KEYS[2], KEYS[1])
 redis.call('incrby', KEYS[4], -size)
 return 1
 """
-
-
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def _entry(raw: object) -> TagEntry | None:
@@ -115,12 +108,8 @@ class RedisTags:
         failures: WriteFailures | None = None,
         listings_limit: int = LISTINGS_SIZE_LIMIT,
     ) -> None:
-        options: dict[str, Any] = {
-            "socket_timeout": TIMEOUT_SECONDS,
-            "socket_connect_timeout": TIMEOUT_SECONDS,
-        }
-        self._async = redis.asyncio.Redis.from_url(url, **options)
-        self._sync = redis.Redis.from_url(url, **options)
+        self._async = async_client(url)
+        self._sync = blocking_client(url)
         self._prefix = prefix
         self._failures = failures or WriteFailures()
         self._listings_limit = listings_limit
@@ -146,7 +135,7 @@ class RedisTags:
     def _scan(self, kind: str) -> Iterator[tuple[str, list[str]]]:
         """(key, its names split) of every key of ``kind`` ("tag", "list")."""
         start = f"{self._prefix}{kind}:"
-        for raw in self._sync.scan_iter(match=_glob_escape(start) + "*", count=SCAN_BATCH):
+        for raw in self._sync.scan_iter(match=glob_escape(start) + "*", count=SCAN_BATCH):
             key = raw.decode() if isinstance(raw, bytes) else str(raw)
             names = key.removeprefix(start).split("\0")
             if len(names) == 3:

@@ -36,7 +36,8 @@ def test_a_tag_checked_on_one_node_is_fresh_on_the_other_and_pins_are_shared(
     image = make_image("team/fleet", "1", seed="fleet-tags")
     origin = make_registry(seed=[image])
     env = {"PULLTHROUGH_REDIS_URL": redis_url}
-    nodes = [MirrorProcess(tmp_path / f"node{i}", origin.url, env=env) for i in (1, 2)]
+    # The second node with two worker processes: each opens its own clients.
+    nodes = [MirrorProcess(tmp_path / f"node{i}", origin.url, env=env, workers=i) for i in (1, 2)]
     for node in nodes:
         node.start()
     try:

@@ -4,9 +4,13 @@ costs lookups, never an error."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+import redis
+
 from pullthrough.cache.index import Listing, TagEntry
+from pullthrough.cache.redis_client import MAX_CONNECTIONS
 from pullthrough.cache.redis_tags import SCAN_BATCH, RedisTags
 from pullthrough.cache.space import WriteFailures
 from tests.support.processes import free_port
@@ -18,14 +22,14 @@ ENTRY = TagEntry("sha256:" + "a" * 64, "application/vnd.oci.image.index.v1+json"
 async def test_tag_list_pages_past_the_bound_drop_the_least_recently_stored(
     redis_server: RedisServer,
 ) -> None:
-    tags = RedisTags(redis_server.url, prefix=redis_server.prefix(), listings_limit=3000)
+    tags = RedisTags(redis_server.url, prefix=redis_server.prefix(), listings_limit=3500)
     try:
         page = Listing(b"x" * 1000, None, 1.0)
         for n in range(3):
             await tags.put_listing("docker.io", f"r{n}", "", page)
         assert all([await tags.get_listing("docker.io", f"r{n}", "") for n in range(3)])
         await tags.put_listing("docker.io", "r0", "", page)  # stored again: newest now
-        await tags.put_listing("docker.io", "r3", "", page)  # 4000 bytes: one must go
+        await tags.put_listing("docker.io", "r3", "", page)  # over 4000 bytes: one must go
         assert await tags.get_listing("docker.io", "r1", "") is None
         for n in (0, 2, 3):
             assert await tags.get_listing("docker.io", f"r{n}", "") == page
@@ -33,6 +37,14 @@ async def test_tag_list_pages_past_the_bound_drop_the_least_recently_stored(
         for n in range(8):
             await tags.put_listing("docker.io", f"more{n}", "", page)
         assert await tags.get("docker.io", "r1", "1", "*") == ENTRY
+        # Small pages under long keys (?last= a long tag): the keys count too.
+        tiny = Listing(b"{}", None, 1.0)
+        for n in range(50):
+            await tags.put_listing("docker.io", "r", f"last={'t' * 120}{n}&n=1", tiny)
+        kept = [
+            await tags.get_listing("docker.io", "r", f"last={'t' * 120}{n}&n=1") for n in range(50)
+        ]
+        assert 0 < sum(page is not None for page in kept) < 10
     finally:
         await tags.aclose()
 
@@ -98,3 +110,20 @@ def test_two_nodes_pinning_at_once_both_keep_their_pin(redis_server: RedisServer
     finally:
         one.close()
         two.close()
+
+
+async def test_many_lookups_at_once_share_a_bounded_pool_of_connections(tmp_path: Path) -> None:
+    with RedisServer(tmp_path / "redis") as server:
+        tags = RedisTags(server.url)
+        admin = redis.Redis.from_url(server.url)
+        try:
+            await tags.put("docker.io", "library/alpine", "3.19", "*", ENTRY)
+            found = await asyncio.gather(
+                *(tags.get("docker.io", "library/alpine", "3.19", "*") for _ in range(500))
+            )
+            assert found == [ENTRY] * 500
+            clients = admin.client_list()
+            assert len(clients) <= MAX_CONNECTIONS + 1  # the pool's, and admin's own
+        finally:
+            admin.close()
+            await tags.aclose()

@@ -148,15 +148,18 @@ async def spread(urls: list[str], n: int) -> list[str]:
     return [digest for digest, _, _ in got]
 
 
-async def two_nodes_ttfb(first: str, second: str, gap: float) -> tuple[float, float, str, str]:
+async def two_nodes(
+    first: str, second: str, gap: float
+) -> tuple[tuple[str, float, float], tuple[str, float, float]]:
     """The cold blob asked of ``first``, and ``gap`` seconds later of ``second``
-    (the first node is fetching it by then). Both times to first byte, and digests."""
+    (the first node is fetching it by then): (digest, first byte, last byte) of
+    each, the times counted from the first request."""
     async with new_session() as session:
         one = asyncio.create_task(get_digest(session, first))
         await asyncio.sleep(gap)
         two = await get_digest(session, second)
         a = await one
-    return a[1], two[1], a[0], two[0]
+    return a, (two[0], two[1] + gap, two[2] + gap)
 
 
 def upstream_blob_gets(entries: list[AccessLogEntry], digest: str) -> int:
@@ -239,13 +242,20 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             print(f"{who}: time to first byte, fetching node and waiting node...", flush=True)
             mark = upstream.mark()
             urls = [f"{n.url}/v2/{REPO}/blobs/{big.digest}" for n in nodes]
-            first, second, d1, d2 = asyncio.run(two_nodes_ttfb(urls[0], urls[1], args.gap))
-            assert d1 == d2 == big.digest, f"{who} served wrong bytes"
+            one, two = asyncio.run(two_nodes(urls[0], urls[1], args.gap))
+            assert one[0] == two[0] == big.digest, f"{who} served wrong bytes"
+            first, second = one[1], two[1] - args.gap
             gets = upstream_blob_gets(upstream.requests_since(mark, settle=0.5), big.digest)
             results.setdefault("ttfb_fetching_node_s", {})[who] = first
             results.setdefault("ttfb_waiting_node_s", {})[who] = second
+            results.setdefault("last_byte_fetching_node_s", {})[who] = one[2]
+            results.setdefault("last_byte_waiting_node_s", {})[who] = two[2]
             results.setdefault("upstream_blob_gets_big_2_nodes", {})[who] = gets
-            print(f"  fetching {first:.3f} s, waiting {second:.3f} s, GETs {gets}", flush=True)
+            print(
+                f"  first byte: fetching node {first:.3f} s, waiting node {second:.3f} s; "
+                f"last byte (from the first ask): {one[2]:.3f} s and {two[2]:.3f} s; GETs {gets}",
+                flush=True,
+            )
 
             print(f"{who}: warm throughput from S3...", flush=True)
             rates = [warm_throughput(urls[1], big.size, follow=False) for _ in range(3)]

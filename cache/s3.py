@@ -300,9 +300,11 @@ class _Upload:
 
     async def stream(self, download: _Download) -> None:
         """Send every full part as it is staged, until the fetch ends."""
-        await download.size_known.wait()
-        self.part = part_size(download.size)
-        while await download.until(self.sent + self.part):
+        # Bytes are staged only after the size was announced (or said unknown).
+        while await download.until(self.sent + PART_BYTES):
+            self.part = part_size(download.size)
+            if not await download.until(self.sent + self.part):
+                return
             await self._part(self.part)
 
     async def _part(self, count: int) -> None:

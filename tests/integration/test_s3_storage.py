@@ -394,3 +394,23 @@ async def test_storage_down_is_a_503_and_manifests_still_come_from_the_upstream(
         assert body["errors"][0]["code"] == "UNAVAILABLE"
     assert fault_registry.count("GET", "blobs") == 0
     assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
+async def test_a_fetch_failing_before_any_byte_fails_its_readers(
+    seaweed: SeaweedS3, tmp_path: Path
+) -> None:
+    async def refused(sink: DownloadSink) -> None:
+        raise ConnectionRefusedError("the upstream is down")
+
+    store = S3BlobStore(location(seaweed), locks=LocalLocks(), staging=tmp_path / "tmp")
+    digest = Digest.parse(digest_of(b"never sent"))
+    try:
+        tracker = await store.track(digest, refused)
+        assert tracker is not None
+        with pytest.raises(ConnectionRefusedError):
+            await tracker.size()
+        await store.settle()
+        assert await store.stat(digest) is None
+        assert await uploads_under(store) == []
+    finally:
+        await store.close()

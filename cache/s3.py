@@ -716,7 +716,12 @@ class S3BlobStore:
         await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     async def close(self) -> None:
-        """Stop the downloads still running (their uploads are aborted)."""
+        """Stop the downloads still running (their uploads are aborted).
+
+        Verified ones are let finish: their readers had every byte, and the
+        object is one completion away (at most the last part to send)."""
+        finishing = [d.task for d in self._downloads.values() if d.state is _State.VERIFIED]
+        await asyncio.gather(*[t for t in finishing if t is not None], return_exceptions=True)
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()

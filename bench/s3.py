@@ -9,6 +9,11 @@ it three times each way, median MiB/s:
 - ``redirect``: ``redirect = true``, curl follows the 307 to the presigned URL;
 - ``s3 direct``: a presigned URL straight from SeaweedFS, the ceiling of both.
 
+Then the time to the first byte of a cold blob of the same size for a reader on
+the store that fetches it and for one on a second store sharing its fetch locks
+(another node): the waiting one is served the committed object, so it waits for
+the whole download and upload.
+
 Loopback, one machine: the mirror, SeaweedFS and curl share its cores.
 """
 
@@ -22,6 +27,7 @@ import shutil
 import statistics
 import subprocess
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -60,6 +66,39 @@ async def _commit(location: S3Location, staging: Path, size: int) -> tuple[Diges
         return digest, held.location
     finally:
         await store.close()
+
+
+async def _first_bytes(location: S3Location, staging: Path, size: int) -> tuple[float, float]:
+    """Seconds to the first byte for a reader on the fetching store and one on a
+    second store sharing its locks (another node): (fetching, waiting)."""
+    data = os.urandom(size)
+    digest = Digest("sha256", hashlib.sha256(data).hexdigest())
+
+    async def feed(sink: DownloadSink) -> None:
+        await sink.begin(size)
+        for pos in range(0, size, CHUNK):
+            await sink.write(data[pos : pos + CHUNK])
+            await asyncio.sleep(0)  # an upstream's chunks arrive between other work
+
+    locks = LocalLocks()
+    nodes = [S3BlobStore(location, locks=locks, staging=staging / str(i)) for i in range(2)]
+    start = time.monotonic()
+
+    async def first_byte(node: S3BlobStore) -> float:
+        tracker = await node.track(digest, feed)
+        assert tracker is not None
+        seen = None
+        async for _ in tracker.read(0, None):
+            seen = seen or time.monotonic() - start
+        assert seen is not None
+        return seen
+
+    try:
+        fetching, waiting = await asyncio.gather(*(first_byte(node) for node in nodes))
+        return fetching, waiting
+    finally:
+        for node in nodes:
+            await node.close()
 
 
 def _curl(curl: str, url: str, *, follow: bool = False) -> float:
@@ -115,6 +154,9 @@ def run(size_mib: int, reps: int) -> dict[str, float]:
                     mirror.stop()
                 results[name] = statistics.median(speeds)
             results["s3 direct"] = statistics.median(_curl(curl, presigned) for _ in range(reps))
+            fetching, waiting = asyncio.run(_first_bytes(location, work / "ttfb", size_mib << 20))
+            results["ttfb fetching s"] = fetching
+            results["ttfb waiting s"] = waiting
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return results
@@ -127,8 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results = run(args.size_mib, args.reps)
     print(f"warm {args.size_mib} MiB blob from S3, median of {args.reps}:")
-    for name, speed in results.items():
-        print(f"  {name:10s} {speed:8.0f} MiB/s")
+    for name, value in results.items():
+        if name.startswith("ttfb"):
+            print(f"  {name:16s} {value:8.3f} (cold, two stores sharing locks)")
+        else:
+            print(f"  {name:16s} {value:8.0f} MiB/s")
     return 0
 
 

@@ -77,8 +77,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Multipart part size: S3's minimum is 5 MiB for every part but the last.
+# Multipart part size: S3's minimum is 5 MiB for every part but the last. A blob
+# is at most 10,000 parts: larger ones (when the upstream says their size) get
+# larger parts; one of unknown size can be up to 78 GiB.
 PART_BYTES = 8 << 20
+MAX_PARTS = 10_000
+
+
+def part_size(size: int | None) -> int:
+    """The part size for a blob of ``size`` bytes (None: unknown), whole MiB."""
+    if size is None or size <= PART_BYTES * MAX_PARTS:
+        return PART_BYTES
+    mib = 1 << 20
+    return -(-size // MAX_PARTS // mib) * mib + mib
+
+
 READ_CHUNK = 1 << 20
 # A waiter re-checks the bucket and the lock this often even without a word from
 # the holder (a release it missed, a holder that died without a lease expiring).
@@ -283,11 +296,16 @@ class _Upload:
         self.upload_id: str | None = None
         self._parts: list[dict[str, Any]] = []
         self.sent = 0
+        self.part = PART_BYTES
 
     async def stream(self, download: _Download) -> None:
         """Send every full part as it is staged, until the fetch ends."""
+        # Bytes are staged only after the size was announced (or said unknown).
         while await download.until(self.sent + PART_BYTES):
-            await self._part(PART_BYTES)
+            self.part = part_size(download.size)
+            if not await download.until(self.sent + self.part):
+                return
+            await self._part(self.part)
 
     async def _part(self, count: int) -> None:
         if self.upload_id is None:
@@ -315,7 +333,7 @@ class _Upload:
                 )
                 return
             while self.sent < total:
-                await self._part(min(PART_BYTES, total - self.sent))
+                await self._part(min(self.part, total - self.sent))
             await self._client.complete_multipart_upload(
                 Bucket=self._bucket,
                 Key=self._key,
@@ -698,7 +716,12 @@ class S3BlobStore:
         await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     async def close(self) -> None:
-        """Stop the downloads still running (their uploads are aborted)."""
+        """Stop the downloads still running (their uploads are aborted).
+
+        Verified ones are let finish: their readers had every byte, and the
+        object is one completion away (at most the last part to send)."""
+        finishing = [d.task for d in self._downloads.values() if d.state is _State.VERIFIED]
+        await asyncio.gather(*[t for t in finishing if t is not None], return_exceptions=True)
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()

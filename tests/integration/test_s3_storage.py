@@ -18,6 +18,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from pullthrough.cache import s3
 from pullthrough.cache.coordination import LocalLocks
 from pullthrough.cache.digests import Digest
 from pullthrough.cache.errors import DigestMismatch
@@ -394,3 +395,55 @@ async def test_storage_down_is_a_503_and_manifests_still_come_from_the_upstream(
         assert body["errors"][0]["code"] == "UNAVAILABLE"
     assert fault_registry.count("GET", "blobs") == 0
     assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
+async def test_a_fetch_failing_before_any_byte_fails_its_readers(
+    seaweed: SeaweedS3, tmp_path: Path
+) -> None:
+    async def refused(sink: DownloadSink) -> None:
+        raise ConnectionRefusedError("the upstream is down")
+
+    store = S3BlobStore(location(seaweed), locks=LocalLocks(), staging=tmp_path / "tmp")
+    digest = Digest.parse(digest_of(b"never sent"))
+    try:
+        tracker = await store.track(digest, refused)
+        assert tracker is not None
+        with pytest.raises(ConnectionRefusedError):
+            await tracker.size()
+        await store.settle()
+        assert await store.stat(digest) is None
+        assert await uploads_under(store) == []
+    finally:
+        await store.close()
+
+
+async def test_closing_the_store_completes_a_verified_upload(
+    seaweed: SeaweedS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = os.urandom(PART_BYTES + 500_000)
+    digest = Digest.parse(digest_of(data))
+    gate = asyncio.Event()
+    complete = s3._Upload.finish
+
+    async def held_back(upload: s3._Upload, total: int) -> None:
+        await gate.wait()  # the completion is still to come when the node stops
+        await complete(upload, total)
+
+    monkeypatch.setattr(s3._Upload, "finish", held_back)
+    where = location(seaweed)
+    store = S3BlobStore(where, locks=LocalLocks(), staging=tmp_path / "tmp")
+    tracker = await store.track(digest, Feed(data))
+    assert tracker is not None
+    assert await read_all(tracker) == data  # the reader had every byte: verified
+    closing = asyncio.create_task(store.close())
+    for _ in range(100):
+        await asyncio.sleep(0)
+    assert not closing.done()
+    gate.set()
+    await closing
+    other = S3BlobStore(where, locks=LocalLocks(), staging=tmp_path / "other")
+    try:
+        assert await other.stat(digest) == len(data)
+        assert await uploads_under(other) == []
+    finally:
+        await other.close()

@@ -20,7 +20,7 @@ COPY pullthrough/ pullthrough/
 COPY proxy/ proxy/
 COPY cache/ cache/
 COPY metrics/ metrics/
-RUN pip --python /opt/pullthrough/bin/python install ".[fast]"
+RUN pip --python /opt/pullthrough/bin/python install ".[fast,s3]"
 
 # Runtime stage: the same base image, so the venv's interpreter link still resolves.
 FROM python:3.11-slim

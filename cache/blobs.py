@@ -34,7 +34,7 @@ import os
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -103,6 +103,21 @@ class OpenBlob:
     def serve_path(self) -> Path:
         """A path that opens this very file, also after it was evicted (Linux)."""
         return _PROC_FD / str(self.fd) if _HAVE_PROC_FD else self.path
+
+    @property
+    def location(self) -> None:
+        """Served from this machine's disk, never by redirect."""
+        return None
+
+    async def read(self, start: int, end: int) -> AsyncIterator[bytes]:
+        """The bytes by ``pread`` (the routes send ``serve_path`` instead)."""
+        pos = start
+        while pos < end:
+            chunk = await asyncio.to_thread(os.pread, self.fd, min(READ_CHUNK, end - pos), pos)
+            if not chunk:
+                raise DownloadFailed(f"{self.path} is shorter than {end} bytes")
+            pos += len(chunk)
+            yield chunk
 
     def close(self) -> None:
         self._closer()
@@ -395,14 +410,19 @@ class BlobStore:
         self._downloads: dict[Digest, Download] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def stat(self, digest: Digest) -> int | None:
-        """The committed blob's size, or None."""
+    async def stat(self, digest: Digest) -> int | None:
+        """The committed blob's size, or None (inline: a stat costs less than a
+        thread hop)."""
+        return self.stat_now(digest)
+
+    def stat_now(self, digest: Digest) -> int | None:
+        """``stat`` for blocking callers."""
         try:
             return self.layout.blob(digest).stat().st_size
         except FileNotFoundError:
             return None
 
-    def hit(self, digest: Digest) -> int | None:
+    async def hit(self, digest: Digest) -> int | None:
         """Like ``stat``, and records the use for eviction."""
         path = self.layout.blob(digest)
         try:
@@ -412,7 +432,7 @@ class BlobStore:
         touch_if_stale(path, st.st_mtime)
         return st.st_size
 
-    def open(self, digest: Digest) -> OpenBlob | None:
+    async def open(self, digest: Digest) -> OpenBlob | None:
         """The committed blob, held open, its use recorded; None when not cached.
 
         Opening is the check: eviction between a check and an open cannot happen,
@@ -431,7 +451,7 @@ class BlobStore:
             raise
         return OpenBlob(fd, st.st_size, path)
 
-    def remove(self, digest: Digest) -> bool:
+    async def remove(self, digest: Digest) -> bool:
         """Remove the committed blob; True when there was one. A reader holding
         it open keeps its bytes (POSIX frees them with the last descriptor)."""
         try:
@@ -440,19 +460,21 @@ class BlobStore:
             return False
         return True
 
-    def digests(self) -> Iterator[Digest]:
+    async def digests(self) -> AsyncIterator[Digest]:
         for kind, digest, _, _ in self.layout.walk():
             if kind == "blob":
                 yield digest
 
-    def state(self) -> str:
+    async def state(self) -> str:
         """ "writable", "full" (no space: served, not kept) or "not writable"."""
-        state = self.layout.probe()
+        state = await asyncio.to_thread(self.layout.probe)
         if state == "writable" and self.failures.full:
             return "full"  # a blob did not fit since the last one that did
         return state
 
-    def track(self, digest: Digest, fetch: Fetch, *, committed: bool = False) -> Tracker | None:
+    async def track(
+        self, digest: Digest, fetch: Fetch, *, committed: bool = False
+    ) -> Tracker | None:
         """Follow the download of ``digest``, starting it here if nobody runs one.
 
         Returns None when the blob is already committed, or with ``committed`` a
@@ -470,7 +492,7 @@ class BlobStore:
             download = Download(BlobWriter(self.layout, digest, None), passthrough=True)
             return self._start(download, fetch, fd=None)
         if writer is None:
-            if self.stat(digest) is not None and not committed:
+            if self.stat_now(digest) is not None and not committed:
                 return None
             # Someone else writes it (or wrote it): follow the file.
             return _ForeignTracker(self.layout, digest, self._read_timeout)
@@ -563,7 +585,7 @@ class BlobStore:
         self._downloads.clear()
 
     def _claim(self, digest: Digest) -> BlobWriter | None:
-        if self.stat(digest) is not None:
+        if self.stat_now(digest) is not None:
             return None
         path = self.layout.partial(digest)
         for _ in range(8):
@@ -582,7 +604,7 @@ class BlobStore:
             if not same:
                 os.close(fd)
                 continue
-            if self.stat(digest) is not None:
+            if self.stat_now(digest) is not None:
                 path.unlink()
                 os.close(fd)
                 return None

@@ -40,3 +40,7 @@ class Abandoned(DownloadFailed):
     """The writer in another process went away without committing: its disk was
     full (it goes on in pass-through for its own readers only), the bytes were
     wrong, or it crashed. A reader may go on with a download of its own."""
+
+
+class StorageUnavailable(CacheError):
+    """The storage backend (object storage) is unreachable or refused a request."""

@@ -14,9 +14,9 @@ from pullthrough.cache import graph
 from pullthrough.cache.digests import Digest
 from pullthrough.cache.errors import InvalidDigest
 from pullthrough.cache.evict import entries
-from pullthrough.cache.index import TagIndex
 from pullthrough.cache.layout import Layout
 from pullthrough.cache.manifests import ManifestStore, StoredManifest
+from pullthrough.cache.storage import TagStorage
 
 
 @dataclass
@@ -33,7 +33,7 @@ class ImageRow:
 
 
 def list_images(
-    tags: TagIndex, layouts: Mapping[str, Layout], shared: Layout, pins: Collection[str]
+    tags: TagStorage, layouts: Mapping[str, Layout], shared: Layout, pins: Collection[str]
 ) -> list[ImageRow]:
     """Every tag recorded for an upstream in ``layouts`` whose manifest is still
     cached, with what its content weighs and when it was last used. A manifest is

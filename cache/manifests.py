@@ -78,7 +78,7 @@ class ManifestStore:
         except FileNotFoundError:
             return None
         media_type, newline, data = raw.partition(b"\n")
-        problem = _damage(digest, media_type, newline, data)
+        problem = damage(digest, media_type, newline, data)
         if problem is not None:
             moved = quarantine(self.layout, "manifest", digest, path, st.st_ino)
             found = Corrupt("manifest", digest, problem, moved)
@@ -133,7 +133,7 @@ class ManifestStore:
         self._touched.setdefault(manifest.digest, time.time())
 
 
-def _damage(digest: Digest, media_type: bytes, newline: bytes, data: bytes) -> str | None:
+def damage(digest: Digest, media_type: bytes, newline: bytes, data: bytes) -> str | None:
     """What is wrong with a manifest record read from disk, or None.
 
     The digest covers the manifest's bytes; the media type line before them can

@@ -2,8 +2,11 @@
 a tag index, as Protocols any backend can implement.
 
 The filesystem classes (``cache/blobs.py``, ``cache/manifests.py``,
-``cache/index.py``) are the one backend today; ``tests/contract/`` is the suite
-every backend must pass. Like distribution's storage driver, a download is
+``cache/index.py``) are the default backend; ``cache/s3.py`` keeps blobs and
+manifests in S3-compatible object storage. ``tests/contract/`` is the suite every
+backend must pass. Lookups are coroutines (an object store answers over the
+network; the filesystem's answer inline, without a thread hop). Like
+distribution's storage driver, a download is
 written through one writer that either commits (every byte came and hashes to
 the digest) or leaves nothing behind; unlike it, readers follow a download
 while it is written, so concurrent misses cost one upstream fetch.
@@ -55,40 +58,53 @@ class Tracker(Protocol):
 
 
 class HeldBlob(Protocol):
-    """A committed blob held open for one answer: removal cannot take it away."""
+    """A committed blob held for one answer: removal cannot take it away.
+
+    It is served one of three ways, the first that applies: a redirect to
+    ``location`` (object storage with ``redirect = true``), the local file at
+    ``serve_path`` (sendfile), or the bytes ``read`` gives."""
 
     size: int
 
     @property
-    def serve_path(self) -> Path:
-        """A path that opens this very blob for as long as it is held."""
+    def location(self) -> str | None:
+        """A URL clients may fetch the blob from themselves (presigned), or None."""
+
+    @property
+    def serve_path(self) -> Path | None:
+        """A local path that opens this very blob while it is held, or None."""
+
+    def read(self, start: int, end: int) -> AsyncIterator[bytes]:
+        """Bytes ``start`` to ``end`` (exclusive)."""
 
     def close(self) -> None: ...
 
 
 class BlobStorage(Protocol):
-    def stat(self, digest: Digest) -> int | None:
+    async def stat(self, digest: Digest) -> int | None:
         """The committed blob's size, or None when it is not committed."""
 
-    def hit(self, digest: Digest) -> int | None:
+    async def hit(self, digest: Digest) -> int | None:
         """Like ``stat``, and records the use (for eviction)."""
 
-    def open(self, digest: Digest) -> HeldBlob | None:
+    async def open(self, digest: Digest) -> HeldBlob | None:
         """The committed blob held open, its use recorded; None when not there."""
 
-    def track(self, digest: Digest, fetch: Fetch, *, committed: bool = False) -> Tracker | None:
+    async def track(
+        self, digest: Digest, fetch: Fetch, *, committed: bool = False
+    ) -> Tracker | None:
         """Follow the download of ``digest``, starting ``fetch`` if nobody runs one
         (in this process or any other sharing the store). None when the blob is
         committed already, unless ``committed``: then a tracker reading it."""
 
-    def remove(self, digest: Digest) -> bool:
+    async def remove(self, digest: Digest) -> bool:
         """Remove a committed blob (readers holding it keep their bytes)."""
 
-    def digests(self) -> Iterator[Digest]:
+    def digests(self) -> AsyncIterator[Digest]:
         """Every committed blob."""
 
-    def state(self) -> str:
-        """ "writable", "full" (served, not kept) or "not writable". Blocking."""
+    async def state(self) -> str:
+        """ "writable", "full" (served, not kept) or "not writable"."""
 
     async def settle(self) -> None:
         """Wait for the downloads running now to finish (committed or not)."""

@@ -22,6 +22,8 @@ from typing import Any
 
 from yarl import URL
 
+from pullthrough.cache.s3_location import S3Location
+
 log = logging.getLogger(__name__)
 
 DOCKER_HUB = URL("https://registry-1.docker.io")
@@ -88,6 +90,32 @@ def listen_address(value: str) -> tuple[str, int]:
     except ConfigError:
         raise ConfigError(f"metrics_listen: {host!r} is not an IP address or host name") from None
     return host, int(port)
+
+
+def _check_redis_url(value: str) -> None:
+    try:
+        url = URL(value)
+    except ValueError:
+        url = URL()
+    if url.scheme == "unix" and url.path not in ("", "/"):
+        return
+    if url.scheme not in ("redis", "rediss") or not url.host:
+        raise ConfigError(
+            f"redis_url must be redis://host[:port][/db], rediss://... or unix:///path, "
+            f"not {redis_display(value)!r}"
+        )
+    db = url.path.strip("/")
+    if db and not db.isdigit():
+        raise ConfigError(f"redis_url: the database after the host must be a number, not {db!r}")
+
+
+def redis_display(value: str) -> str:
+    """A Redis URL for messages and logs: its password replaced."""
+    try:
+        url = URL(value)
+    except ValueError:
+        return "(not a URL)"
+    return str(url.with_password("***")) if url.password else value
 
 
 # The user name rules use for clients that sent no credentials.
@@ -349,6 +377,25 @@ class Settings:
     max_upload_size: int = 10 << 30
     # Seconds an upload session may sit idle before it and its bytes are removed.
     upload_expiry: float = 3600.0
+    # Where blobs and manifests live: None, the filesystem under cache_dir; or
+    # "s3://bucket/prefix", S3-compatible object storage shared by every node
+    # pointed at it (the tag index stays in cache_dir). Credentials come from the
+    # standard AWS chain (AWS_ACCESS_KEY_ID..., ~/.aws, instance roles).
+    storage: str | None = None
+    # The S3 endpoint, for servers other than AWS ("http://seaweedfs:8333").
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    # Answer blob GETs for cached blobs with a 307 to a presigned S3 URL, as
+    # distribution's S3 driver does: the bytes then flow from storage to clients.
+    redirect: bool = False
+    # Several nodes: a Redis (redis://[:password@]host:6379/0, rediss:// for TLS,
+    # unix:///path.sock) that holds what every node must share: the tag index and
+    # its freshness, tag lists and pins. None: all of it in cache_dir (one node).
+    redis_url: str | None = field(default=None, repr=False)
+    # Seconds a node's claim to fetch a blob lives without renewal (it renews it
+    # every third of that while it downloads): how long the fleet waits before
+    # another node takes over the fetch of a node that died mid-download.
+    fetch_lease: float = 15.0
 
     def __post_init__(self) -> None:
         _check_host(self.host)
@@ -409,6 +456,9 @@ class Settings:
             raise ConfigError(
                 f"keepalive_timeout must be 0-3600 seconds, not {self.keepalive_timeout}"
             )
+        self.s3_location()  # raises ConfigError
+        if self.redirect and self.storage is None:
+            raise ConfigError("redirect = true needs storage = s3://bucket/prefix")
         if self.max_connections < 1:
             raise ConfigError(f"max_connections must be 1 or more, not {self.max_connections}")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -428,8 +478,25 @@ class Settings:
             raise ConfigError(f"event_loop must be asyncio or uvloop, not {self.event_loop!r}")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format must be text or json, not {self.log_format!r}")
+        if self.redis_url is not None:
+            _check_redis_url(self.redis_url)
+        if not 1.0 <= self.fetch_lease <= 600.0:
+            raise ConfigError(f"fetch_lease must be 1 to 600 seconds, not {self.fetch_lease}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR: {self.log_level}")
+
+    def s3_location(self) -> S3Location | None:
+        """The S3 store of ``storage``, or None for the filesystem."""
+        if self.storage is None:
+            return None
+        if self.s3_endpoint_url is not None:
+            _check_url("s3_endpoint_url", URL(self.s3_endpoint_url))
+        try:
+            return S3Location.parse(
+                self.storage, endpoint_url=self.s3_endpoint_url, region=self.s3_region
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     def all_upstreams(self) -> tuple[UpstreamSettings, ...]:
         """The default upstream (as docker.io) first, then the configured ones."""

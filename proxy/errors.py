@@ -20,6 +20,7 @@ from pullthrough.cache.errors import (
     DownloadFailed,
     InvalidDigest,
     SizeMismatch,
+    StorageUnavailable,
     UnsupportedDigest,
 )
 
@@ -120,6 +121,10 @@ class Overloaded(RegistryError):
     code, status, message = "UNAVAILABLE", 503, "the mirror is overloaded, try again"
 
 
+class StorageDown(RegistryError):
+    code, status, message = "UNAVAILABLE", 503, "the mirror's storage is unavailable"
+
+
 class UpstreamInvalid(RegistryError):
     code, status, message = "UNAVAILABLE", 502, "upstream registry sent invalid content"
 
@@ -174,6 +179,8 @@ def from_cache_error(exc: CacheError) -> RegistryError:
         return DigestInvalid(str(exc))
     if isinstance(exc, DigestMismatch | SizeMismatch | DownloadFailed):
         return UpstreamInvalid(str(exc))
+    if isinstance(exc, StorageUnavailable):
+        return StorageDown(str(exc), headers={"Retry-After": "5"})
     return RegistryError(str(exc))
 
 

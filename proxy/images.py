@@ -25,6 +25,9 @@ from pullthrough.cache.index import TagEntry, TagIndex
 from pullthrough.cache.layout import Layout
 from pullthrough.cache.manifests import ManifestStore, StoredManifest
 from pullthrough.cache.mediatypes import DOCKER_LIST, OCI_INDEX
+from pullthrough.cache.redis_tags import RedisTags
+from pullthrough.cache.space import WriteFailures
+from pullthrough.cache.storage import TagStorage
 from pullthrough.cache.stores import KnownUpstream
 from pullthrough.proxy.config import Settings
 from pullthrough.proxy.errors import RegistryError
@@ -34,6 +37,17 @@ from pullthrough.proxy.names import ImageRef
 log = logging.getLogger(__name__)
 
 INDEXES = (OCI_INDEX, DOCKER_LIST)
+
+# The tag index: in the cache folder, or on Redis shared by several nodes. Both
+# have the command line's blocking ``get_sync``/``put_sync`` beside TagStorage.
+Tags = TagIndex | RedisTags
+
+
+def open_tags(settings: Settings, failures: WriteFailures | None = None) -> Tags:
+    """The tag index these settings name (Redis with ``redis_url``); blocking."""
+    if settings.redis_url is not None:
+        return RedisTags(settings.redis_url, failures=failures)
+    return TagIndex(stores.index_dir(settings.cache_dir.resolve()), failures)
 
 
 class NoCache(Exception):
@@ -48,7 +62,7 @@ class TransferError(Exception):
 class CachedImages:
     root: Path  # the cache root, which is also the shared store's
     layouts: dict[str, Layout]  # each upstream's store, by upstream name
-    tags: TagIndex
+    tags: Tags
     pinned: Sequence[str] = ()  # pins from the settings, beside those stored in the cache
     # Stores no configured upstream uses (found on disk by the command line):
     # counted, collected and evicted, never read for an upstream's name.
@@ -137,7 +151,7 @@ class CachedImages:
         return keep
 
 
-def set_pins(tags: TagIndex, images: Iterable[str], *, remove: bool = False) -> set[str]:
+def set_pins(tags: TagStorage, images: Iterable[str], *, remove: bool = False) -> set[str]:
     """Add (or remove) pins, stored with the cache; returns the pins now set."""
     pins = tags.pins()
     for raw in images:
@@ -160,7 +174,7 @@ def known_upstreams(settings: Settings) -> dict[str, KnownUpstream]:
     return known
 
 
-def rekey_tags(tags: TagIndex, known: dict[str, KnownUpstream]) -> int:
+def rekey_tags(tags: TagStorage, known: dict[str, KnownUpstream]) -> int:
     """Tags recorded under an upstream's URL (before they were keyed by name) go
     under its name; a URL two names share cannot be attributed and stays."""
     by_url: dict[str, set[str]] = {}
@@ -193,7 +207,7 @@ def open_images(settings: Settings, *, create: bool = True) -> Iterator[CachedIm
     if create:
         for layout in by_upstream.values():
             layout.create()
-    tags = TagIndex(stores.index_dir(root))
+    tags = open_tags(settings)
     try:
         rekey_tags(tags, known_upstreams(settings))
         yield CachedImages(

@@ -10,14 +10,12 @@ reached only through the Protocols of ``cache/storage.py``.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import aiohttp
 
@@ -297,6 +295,12 @@ class Mirror:
             return _answer(cached, "cache")
         if self.offline:
             raise ManifestUnknown(f"{repository}:{tag} is not cached (offline mode)")
+        if entry is not None and entry.age() < self.tag_ttl:
+            # Fresh, but its manifest is not in this store: another node checked
+            # the tag (a tag index on Redis is shared) and keeps the manifest in
+            # its own, or it was evicted. What the tag points to is known: ask
+            # for that digest, not the tag again.
+            return await self._by_digest(repository, Digest.parse(entry.digest), accept, head=head)
         if entry is None and not head:
             # A tag never seen: a HEAD first would cost a round trip and save no
             # pull (HEAD + GET and GET alone both spend one on Docker Hub).
@@ -445,7 +449,7 @@ class Mirror:
 
     async def cache_state(self) -> str:
         """ "writable", "full" (no space: served, not kept) or "not writable"."""
-        return await asyncio.to_thread(self.blobs.state)
+        return await self.blobs.state()
 
     # -- tag listings -------------------------------------------------------------
 
@@ -487,13 +491,13 @@ class Mirror:
         ran it) and that was abandoned is tried again, ours this time.
         """
         for attempt in range(1, FOLLOW_ATTEMPTS + 1):
-            held = self.blobs.open(digest)
+            held = await self.blobs.open(digest)
             if held is not None:
                 hit = BlobHit(held)
                 hit.prefetched = self._claimed(digest)
                 return hit
             # Not cached (or evicted just now): from the upstream.
-            tracker = self.blob_download(repository, digest)
+            tracker = await self.blob_download(repository, digest)
             if tracker is None:
                 continue  # committed in the meantime
             try:
@@ -517,11 +521,11 @@ class Mirror:
         """Was (or is) this blob being fetched by read-ahead, not yet asked for?"""
         return self.readahead is not None and self.readahead.claim(self.name, digest)
 
-    def blob_hit(self, digest: Digest) -> int | None:
+    async def blob_hit(self, digest: Digest) -> int | None:
         """The cached blob's size (its use recorded), or None."""
-        return self.blobs.hit(digest)
+        return await self.blobs.hit(digest)
 
-    def blob_download(
+    async def blob_download(
         self, repository: str, digest: Digest, *, committed: bool = False
     ) -> Tracker | None:
         """Follow the upstream download of ``digest``, starting one if none runs.
@@ -551,10 +555,10 @@ class Mirror:
             finally:
                 self.metrics.downloads_in_flight.dec()
 
-        return self.blobs.track(digest, fetch, committed=committed)
+        return await self.blobs.track(digest, fetch, committed=committed)
 
     async def blob_head(self, repository: str, digest: Digest) -> BlobHead:
-        size = self.blobs.stat(digest)
+        size = await self.blobs.stat(digest)
         if size is not None:
             return BlobHead(size, "cache")
         if self.offline:
@@ -572,17 +576,23 @@ class Mirror:
 
 
 class BlobHit:
-    """A cached blob, held open until ``close``: eviction cannot take it meanwhile."""
+    """A cached blob, held open until ``close``: eviction cannot take it meanwhile.
+
+    Answered by a redirect to ``location`` when it has one, else from the local
+    file at ``path`` when it has one, else with the bytes ``read`` gives."""
 
     def __init__(self, held: HeldBlob) -> None:
         self._held = held
         self.size = held.size
         self.prefetched = False  # committed by read-ahead for this pull
+        self.location = held.location
+        # Taken once: the filesystem's is a /proc path built per call.
+        self.path = None if self.location is not None else held.serve_path
 
-    @property
-    def path(self) -> Path:
-        """A path that opens this very file while it is held, also once evicted."""
-        return self._held.serve_path
+    async def read(self, start: int, stop: int | None) -> AsyncGenerator[bytes, None]:
+        """Bytes ``start`` to ``stop`` (exclusive; None: to the end), from storage."""
+        async for chunk in self._held.read(start, self.size if stop is None else stop):
+            yield chunk
 
     def close(self) -> None:
         self._held.close()
@@ -623,7 +633,7 @@ class BlobStream:
                     if attempt == FOLLOW_ATTEMPTS:
                         raise
                     self._tracker.close()
-                    again = self._mirror.blob_download(
+                    again = await self._mirror.blob_download(
                         self._repository, self._digest, committed=True
                     )
                     assert again is not None  # asked with committed=True

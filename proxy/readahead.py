@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from pullthrough.cache import graph
@@ -42,8 +42,8 @@ COMPLETE_SECONDS = 60.0
 BACKOFF_FIRST = 5.0
 BACKOFF_MAX = 300.0
 
-Start = Callable[[str, Digest], Tracker | None]
-Stat = Callable[[Digest], int | None]
+Start = Callable[[str, Digest], Awaitable[Tracker | None]]
+Stat = Callable[[Digest], Awaitable[int | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,9 +131,9 @@ class ReadAhead:
     ) -> None:
         upstream = key[0]
         try:
-            # A stat per blob, inline: a thread hop would let the client's first
-            # blob request overtake the read-ahead it is meant to find.
-            missing = _missing(wanted, stat)
+            # A stat per blob, inline on the filesystem: a thread hop would let the
+            # client's first blob request overtake the read-ahead it is meant to find.
+            missing = await _missing(wanted, stat)
             if not missing:
                 self._complete[key] = time.monotonic()
                 while len(self._complete) > REMEMBERED:
@@ -164,7 +164,7 @@ class ReadAhead:
     ) -> None:
         key = (upstream, descriptor.digest)
         try:
-            tracker = start(repository, descriptor.digest)
+            tracker = await start(repository, descriptor.digest)
         except RegistryError:
             return  # offline, say: the client will hear it from its own request
         if tracker is None:
@@ -206,11 +206,11 @@ class ReadAhead:
         log.warning("read-ahead paused for %.0f s: %s", pause, exc)
 
 
-def _missing(wanted: list[graph.Descriptor], stat: Stat) -> list[graph.Descriptor]:
+async def _missing(wanted: list[graph.Descriptor], stat: Stat) -> list[graph.Descriptor]:
     seen: set[Digest] = set()
     out = []
     for descriptor in wanted:
-        if descriptor.digest not in seen and stat(descriptor.digest) is None:
+        if descriptor.digest not in seen and await stat(descriptor.digest) is None:
             out.append(descriptor)
         seen.add(descriptor.digest)
     return out

@@ -5,22 +5,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiohttp
 
 from pullthrough.cache import stores
 from pullthrough.cache.archive import remove_abandoned_imports
 from pullthrough.cache.blobs import BlobStore
-from pullthrough.cache.index import TagIndex
+from pullthrough.cache.coordination import FetchLocks, LocalLocks
+from pullthrough.cache.errors import StorageUnavailable
 from pullthrough.cache.layout import Layout
 from pullthrough.cache.manifests import ManifestStore
+from pullthrough.cache.redis_locks import RedisLocks
+from pullthrough.cache.redis_tags import RedisTags
+from pullthrough.cache.s3_location import S3Location
 from pullthrough.cache.space import WriteFailures
+from pullthrough.cache.storage import BlobStorage, ManifestStorage
 from pullthrough.metrics import Metrics
 from pullthrough.proxy.config import Settings, UpstreamSettings
 from pullthrough.proxy.housekeeping import Housekeeper
-from pullthrough.proxy.images import CachedImages, known_upstreams, rekey_tags
+from pullthrough.proxy.images import (
+    CachedImages,
+    Tags,
+    known_upstreams,
+    open_tags,
+    rekey_tags,
+)
 from pullthrough.proxy.mirror import Mirror, Mirrors
 from pullthrough.proxy.readahead import ReadAhead, ReadAheadSettings
 from pullthrough.proxy.upstream import (
@@ -30,6 +42,9 @@ from pullthrough.proxy.upstream import (
     new_redirect_session,
     new_session,
 )
+
+if TYPE_CHECKING:
+    from pullthrough.cache.s3 import S3BlobStore, S3ManifestStore
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +57,15 @@ def layouts(settings: Settings) -> dict[str, Layout]:
     is in cache/stores.py)."""
     pairs = ((up.name, up.has_credentials) for up in settings.all_upstreams())
     return stores.layouts(settings.cache_dir.resolve(), pairs)
+
+
+def fetch_locks(settings: Settings) -> FetchLocks:
+    """One upstream fetch per blob: across the nodes sharing ``redis_url``, else
+    within this process. The caller closes it."""
+    if settings.redis_url is None:
+        return LocalLocks()
+    lease = settings.fetch_lease
+    return RedisLocks.from_url(settings.redis_url, lease_seconds=lease, renew_seconds=lease / 3)
 
 
 def _upstream_client(
@@ -72,6 +96,41 @@ def _upstream_client(
     )
 
 
+async def _s3_stores(
+    location: S3Location,
+    layout: Layout,
+    settings: Settings,
+    locks: FetchLocks,
+    on_corrupt: Callable[[], None],
+) -> tuple[S3BlobStore, S3ManifestStore]:
+    """The blob and manifest stores of one S3 place; this node stages downloads
+    under its cache's ``tmp/s3``. Uploads of downloads that died (on any node)
+    are aborted once they are an hour old."""
+    from pullthrough.cache.s3 import S3BlobStore, S3ManifestStore  # the s3 extra
+
+    blobs = S3BlobStore(
+        location,
+        locks=locks,
+        staging=layout.tmp / "s3",
+        redirect=settings.redirect,
+    )
+    removed = blobs.remove_stale()
+    try:
+        removed += await blobs.clean_uploads()
+    except StorageUnavailable as exc:
+        log.warning("dead uploads not cleaned: %s", exc)  # the next start tries again
+    if removed:
+        log.info("removed %d staging files and dead uploads of %s", removed, location)
+    return blobs, S3ManifestStore(location, on_corrupt=on_corrupt)
+
+
+async def _close_tags(tags: Tags) -> None:
+    if isinstance(tags, RedisTags):
+        await tags.aclose()  # its asyncio client too
+    else:
+        tags.close()
+
+
 @dataclass
 class Resources:
     """Everything a mirror runs on; the server and the command line share it."""
@@ -92,27 +151,43 @@ async def open_mirrors(settings: Settings, metrics: Metrics) -> AsyncIterator[Re
     def count_failure(reason: str) -> None:
         metrics.cache_write_failures.labels(reason).inc()
 
-    tags = TagIndex(stores.index_dir(root), WriteFailures(count_failure))
-    moved = await asyncio.to_thread(rekey_tags, tags, known_upstreams(settings))
+    tags = open_tags(settings, WriteFailures(count_failure))
+    try:
+        moved = await asyncio.to_thread(rekey_tags, tags, known_upstreams(settings))
+    except BaseException:  # Redis not answering, an unreadable index
+        await _close_tags(tags)
+        raise
     if moved:
         log.info("moved %d tag entries from upstream URLs to upstream names", moved)
     images = CachedImages(root, by_upstream, tags, settings.pinned)
     housekeeper = Housekeeper(settings, images, metrics)
-    opened: dict[Layout, tuple[BlobStore, ManifestStore]] = {}
+    opened: dict[Layout, tuple[BlobStorage, ManifestStorage]] = {}
+    closing: list[Callable[[], None]] = []
+    location = settings.s3_location()
+    # One upstream fetch per blob on S3: across every node sharing redis_url.
+    locks = fetch_locks(settings) if location is not None else None
     for layout in distinct:
+        corrupt = metrics.corrupt_objects.labels("manifest").inc
+        if location is not None:
+            # A private upstream's store (upstreams/<name>) keeps that sub-prefix.
+            place = location.under(layout.root.relative_to(root).as_posix().strip("."))
+            assert locks is not None
+            blobs_s3, manifests_s3 = await _s3_stores(place, layout, settings, locks, corrupt)
+            closing.append(manifests_s3.close)
+            opened[layout] = (blobs_s3, manifests_s3)
+            continue
         failures = WriteFailures(count_failure)
-        blobs = BlobStore(
+        fs_blobs = BlobStore(
             layout,
             read_timeout=settings.read_timeout,
             on_commit=housekeeper.poke,
             failures=failures,
             on_full=housekeeper.free_space if settings.max_size is not None else None,
         )
-        removed = blobs.remove_stale() + remove_abandoned_imports(layout)
+        removed = fs_blobs.remove_stale() + remove_abandoned_imports(layout)
         if removed:
             log.info("removed %d temp files left by an earlier run in %s", removed, layout.root)
-        corrupt = metrics.corrupt_objects.labels("manifest").inc
-        opened[layout] = (blobs, ManifestStore(layout, on_corrupt=corrupt, failures=failures))
+        opened[layout] = (fs_blobs, ManifestStore(layout, on_corrupt=corrupt, failures=failures))
     session = new_session(settings)
     redirect_session = new_redirect_session(settings)
     options = UpstreamOptions.from_settings(settings)
@@ -151,6 +226,10 @@ async def open_mirrors(settings: Settings, metrics: Metrics) -> AsyncIterator[Re
         await readahead.close()
         for blobs, _ in opened.values():
             await blobs.close()
+        if locks is not None:
+            await locks.close()
+        for close in closing:
+            close()
         await session.close()
         await redirect_session.close()
-        tags.close()
+        await _close_tags(tags)

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import re
 import time
+from pathlib import Path
 from typing import IO, Any
 
 from aiohttp import web
@@ -230,6 +231,17 @@ async def blob(
     answer = await mirror.blob(repository, digest)
     if isinstance(answer, BlobHit):
         request[SOURCE] = "prefetched" if answer.prefetched else "cache"
+        if answer.location is not None:
+            # As distribution's S3 driver does: the client fetches it from storage.
+            answer.close()
+            headers = blob_headers(digest)
+            headers["Location"] = answer.location
+            return web.Response(status=307, headers=headers)
+        if answer.path is None:
+            try:
+                return await _stream(request, digest, answer)
+            finally:
+                answer.close()
         if request.headers.get("Range"):
             try:
                 # FileResponse would answer an unsatisfiable range with a bare
@@ -238,7 +250,7 @@ async def blob(
             except RangeInvalid:
                 answer.close()
                 raise
-        return _HeldFileResponse(answer, headers=blob_headers(digest))
+        return _HeldFileResponse(answer, answer.path, headers=blob_headers(digest))
     request[SOURCE] = "prefetched" if answer.prefetched else "upstream"
     try:
         return await _stream(request, digest, answer)
@@ -281,8 +293,8 @@ class _HeldFileResponse(SentFileResponse):
     the meantime cannot take the file away. sendfile, Range and conditional
     requests come with FileResponse; the descriptor is closed once it is sent."""
 
-    def __init__(self, blob: BlobHit, headers: dict[str, str]) -> None:
-        super().__init__(blob.path, headers=headers)
+    def __init__(self, blob: BlobHit, path: Path, headers: dict[str, str]) -> None:
+        super().__init__(path, headers=headers)
         self._blob = blob
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
@@ -292,8 +304,11 @@ class _HeldFileResponse(SentFileResponse):
             self._blob.close()
 
 
-async def _stream(request: web.Request, digest: Digest, blob: BlobStream) -> web.StreamResponse:
-    """Send a blob while it downloads; a failed download ends the response short."""
+async def _stream(
+    request: web.Request, digest: Digest, blob: BlobStream | BlobHit
+) -> web.StreamResponse:
+    """Send a blob while it downloads (or as storage gives it); a failed download
+    ends the response short."""
     start, stop = 0, blob.size
     response = web.StreamResponse(headers=blob_headers(digest))
     if blob.size is not None and request.headers.get("Range"):

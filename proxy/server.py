@@ -39,15 +39,18 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
 from prometheus_client.multiprocess import mark_process_dead
+from redis.exceptions import RedisError
 
 from pullthrough.cache import stores
 from pullthrough.cache.archive import remove_abandoned_imports
 from pullthrough.cache.blobs import BlobStore
+from pullthrough.cache.errors import StorageUnavailable
 from pullthrough.cache.index import TagIndex
+from pullthrough.cache.redis_tags import RedisTags
 from pullthrough.metrics import MULTIPROCESS_ENV
 from pullthrough.proxy.access import ACCESS, HtpasswdError, read_htpasswd
 from pullthrough.proxy.app import create_app, create_service_app
-from pullthrough.proxy.config import Settings, listen_address
+from pullthrough.proxy.config import Settings, listen_address, redis_display
 from pullthrough.proxy.errors import RegistryError, error_response
 from pullthrough.proxy.logs import ACCESS_LOGGER, AccessLogger
 from pullthrough.proxy.logs import configure as configure_logs
@@ -162,7 +165,8 @@ def prepare_cache(settings: Settings) -> int:
         for layout in distinct:
             layout.create()
             removed += BlobStore(layout).remove_stale() + remove_abandoned_imports(layout)
-        TagIndex(stores.index_dir(settings.cache_dir.resolve())).close()
+        if settings.redis_url is None:
+            TagIndex(stores.index_dir(settings.cache_dir.resolve())).close()
     except OSError as exc:
         raise StartupError(f"cache directory {settings.cache_dir}: {exc}") from None
     except Exception as exc:  # SQLite (the tag index) has errors of its own
@@ -172,7 +176,38 @@ def prepare_cache(settings: Settings) -> int:
     for layout in distinct:
         if not layout.writable():
             raise StartupError(f"cache directory {layout.root} is not writable")
+    check_storage(settings)
+    if settings.redis_url is not None:
+        check_redis(settings.redis_url)
     return removed
+
+
+def check_storage(settings: Settings) -> None:
+    """With ``storage = s3://...``: the S3 client is installed and the bucket usable."""
+    location = settings.s3_location()
+    if location is None:
+        return
+    try:
+        from pullthrough.cache import s3  # the optional extra
+    except ImportError:
+        raise StartupError(
+            f"storage {settings.storage} needs the s3 extra: pip install 'pullthrough[s3]'"
+        ) from None
+    try:
+        asyncio.run(s3.check_location(location))
+    except StorageUnavailable as exc:
+        raise StartupError(f"storage {exc}") from None
+
+
+def check_redis(url: str) -> None:
+    """Redis answers: several nodes without their shared index must not start."""
+    tags = RedisTags(url)
+    try:
+        tags.ping()
+    except RedisError as exc:
+        raise StartupError(f"redis_url {redis_display(url)}: {exc}") from None
+    finally:
+        tags.close()
 
 
 def listen(host: str, port: int) -> list[socket.socket]:

@@ -110,7 +110,7 @@ async def _warm_one(
         for child in graph.children(manifest):
             if platforms is None or graph.platform_wanted(child, platforms):
                 queue.append(await _manifest(mirror, repo, Reference(digest=child.digest)))
-    missing = {d: s for d, s in blobs.items() if mirror.blob_hit(d) is None}
+    missing = {d: s for d, s in blobs.items() if await mirror.blob_hit(d) is None}
     for digest, size in blobs.items():
         if digest not in missing:
             summary.cached += 1
@@ -121,7 +121,7 @@ async def _warm_one(
     async def fetch(digest: Digest, size: int | None) -> None:
         async with gate:
             key = watcher.started(f"{image.repository} {digest.hex[:12]}", size)
-            tracker = mirror.blob_download(repo, digest)
+            tracker = await mirror.blob_download(repo, digest)
             got = 0
             if tracker is not None:
                 await tracker.size()

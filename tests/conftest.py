@@ -15,6 +15,7 @@ import pytest
 from tests.support.binaries import require_binary
 from tests.support.images import Image, push_images, seed_images
 from tests.support.mirror import MirrorProcess
+from tests.support.redis import RedisServer
 from tests.support.registry import Registry, RegistryFactory
 from tests.support.seaweed import SeaweedS3
 from tests.support.skopeo import Skopeo
@@ -122,6 +123,14 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
     objects under a prefix of its own (``S3Registry`` does).
     """
     with SeaweedS3(tmp_path_factory.mktemp("seaweed")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real Redis (Debian's redis-server) shared by the session: keep each
+    test's keys under ``redis_server.prefix()``."""
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
         yield server
 
 

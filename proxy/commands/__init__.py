@@ -7,11 +7,12 @@ import argparse
 import sqlite3
 from collections.abc import Callable
 
+from redis.exceptions import RedisError
 from rich.console import Console
 
 from pullthrough.cache.errors import CacheError
 from pullthrough.proxy import console
-from pullthrough.proxy.config import Settings
+from pullthrough.proxy.config import Settings, redis_display
 from pullthrough.proxy.errors import RegistryError
 from pullthrough.proxy.images import NoCache, TransferError
 
@@ -39,6 +40,9 @@ def run(command: Command, args: argparse.Namespace, settings: Settings) -> int:
         return fail(f"{exc.code}: {exc.message} ({exc.detail})")
     except (CommandError, TransferError, CacheError) as exc:
         return fail(exc)
+    except RedisError as exc:
+        # The shared tag index (redis_url) is unreachable or refused.
+        return fail(f"redis_url {redis_display(settings.redis_url or '')}: {exc}")
     except (OSError, sqlite3.Error) as exc:
         # An unreadable cache, a full disk (the tag index is SQLite): one line,
         # no traceback.

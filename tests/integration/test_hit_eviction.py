@@ -49,8 +49,8 @@ async def test_a_blob_evicted_after_the_hit_is_still_sent_whole_from_the_cache(
     client, url, data = await cached_hello(upstream, tmp_path, aiohttp_client)
     original = BlobStore.open
 
-    def open_then_evict(self: BlobStore, digest: Digest) -> OpenBlob | None:
-        found = original(self, digest)
+    async def open_then_evict(self: BlobStore, digest: Digest) -> OpenBlob | None:
+        found = await original(self, digest)
         if found is not None:
             found.path.unlink()  # the evictor strikes between the hit and the answer
         return found
@@ -80,10 +80,10 @@ async def test_a_blob_evicted_before_the_open_is_fetched_again_not_a_404(
     original = BlobStore.open
     checked = BlobStore.stat
 
-    def evicted_after_check(self: BlobStore, digest: Digest) -> OpenBlob | None:
-        assert checked(self, digest) is not None  # it was there a moment ago...
+    async def evicted_after_check(self: BlobStore, digest: Digest) -> OpenBlob | None:
+        assert await checked(self, digest) is not None  # it was there a moment ago...
         self.layout.blob(digest).unlink()  # ...and is evicted before the open
-        return original(self, digest)
+        return await original(self, digest)
 
     monkeypatch.setattr(BlobStore, "open", evicted_after_check)
     mark = await asyncio.to_thread(upstream.mark)

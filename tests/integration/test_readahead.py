@@ -224,7 +224,7 @@ async def test_a_cached_manifest_whose_layers_went_reads_them_ahead_again(
     assert fault.count("GET", "blobs") == len(blobs)
     store = mirror.app[MIRRORS].default.blobs
     for gone in blobs[1:3]:  # evicted, say
-        assert store.remove(Digest.parse(gone))
+        assert await store.remove(Digest.parse(gone))
     async with mirror.get("/v2/app/manifests/a") as resp:
         assert resp.status == 200
     await settle(mirror)
@@ -233,4 +233,4 @@ async def test_a_cached_manifest_whose_layers_went_reads_them_ahead_again(
         assert resp.status == 200
     await settle(mirror)
     assert fault.count("GET", "blobs") == len(blobs) + 2
-    assert all(store.stat(Digest.parse(d)) is not None for d in blobs)
+    assert all([await store.stat(Digest.parse(d)) is not None for d in blobs])

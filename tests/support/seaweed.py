@@ -250,6 +250,7 @@ class SeaweedS3(Service):
             )
         try:
             self._wait_ready(timeout)
+            self._create_bucket()
             self._relay.start()
         except BaseException:
             self.stop()
@@ -266,6 +267,24 @@ class SeaweedS3(Service):
             return None if status == 403 else f"HEAD bucket answered {status}"
 
         wait_ready(self._proc, probe, what="weed mini", timeout=timeout, log=self.log_tail)
+
+    def _create_bucket(self) -> None:
+        # -bucket names the bucket but, seen with 4.48, does not create it.
+        import botocore.session  # the s3 extra; only S3 tests start this server
+
+        client: Any = botocore.session.get_session().create_client(
+            "s3",
+            endpoint_url=self.direct_endpoint,
+            region_name=self.region,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+        )
+        try:
+            names = [b["Name"] for b in client.list_buckets().get("Buckets", [])]
+            if self.bucket not in names:
+                client.create_bucket(Bucket=self.bucket)
+        finally:
+            client.close()
 
     def log_tail(self, lines: int = 30) -> str:
         try:

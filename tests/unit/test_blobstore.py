@@ -52,7 +52,7 @@ class Feed:
 async def test_followers_share_one_fetch_and_get_identical_bytes(layout: Layout) -> None:
     store = BlobStore(layout)
     feed = Feed(DATA)
-    trackers = [store.track(DIGEST, feed) for _ in range(5)]
+    trackers = [await store.track(DIGEST, feed) for _ in range(5)]
     assert all(t is not None for t in trackers)
     readers = [asyncio.create_task(read_all(t)) for t in trackers if t is not None]
     await asyncio.sleep(0.05)
@@ -61,20 +61,20 @@ async def test_followers_share_one_fetch_and_get_identical_bytes(layout: Layout)
     assert [await r for r in readers] == [DATA] * 5
     assert feed.calls == 1
     await store.settle()  # readers finish once verified; the commit follows
-    assert store.stat(DIGEST) == len(DATA)
-    assert store.track(DIGEST, feed) is None  # committed: serve the file
+    assert await store.stat(DIGEST) == len(DATA)
+    assert await store.track(DIGEST, feed) is None  # committed: serve the file
     assert list(layout.tmp.iterdir()) == []
 
 
 async def test_wrong_bytes_are_discarded_and_readers_fail(layout: Layout) -> None:
     store = BlobStore(layout)
     feed = Feed(DATA[:-1] + b"\0")
-    tracker = store.track(DIGEST, feed)
+    tracker = await store.track(DIGEST, feed)
     assert tracker is not None
     feed.go.set()
     with pytest.raises(DigestMismatch):
         await read_all(tracker)
-    assert store.stat(DIGEST) is None
+    assert await store.stat(DIGEST) is None
     assert list(layout.tmp.iterdir()) == []
 
 
@@ -87,7 +87,7 @@ async def test_reader_never_gets_the_last_byte_before_verification(layout: Layou
         await sink.write(DATA)
         await gate.wait()  # all bytes written, not yet verified
 
-    tracker = store.track(DIGEST, fetch)
+    tracker = await store.track(DIGEST, fetch)
     assert tracker is not None
     reader, got = reading(tracker)
     await asyncio.sleep(0.1)
@@ -102,11 +102,11 @@ async def test_a_second_process_follows_instead_of_fetching(layout: Layout) -> N
     # meets the first one's lock exactly as another worker process would.
     first, second = BlobStore(layout), BlobStore(layout)
     feed = Feed(DATA)
-    leader = first.track(DIGEST, feed)
+    leader = await first.track(DIGEST, feed)
     assert leader is not None
     await leader.size()
     other_fetch = Feed(DATA)
-    follower = second.track(DIGEST, other_fetch)
+    follower = await second.track(DIGEST, other_fetch)
     assert follower is not None
     assert await follower.size() == len(DATA)
     reader = asyncio.create_task(read_all(follower, 10, 20_000))
@@ -121,17 +121,17 @@ async def test_a_second_process_follows_instead_of_fetching(layout: Layout) -> N
 async def test_a_second_process_sees_an_abandoned_download(layout: Layout) -> None:
     first, second = BlobStore(layout), BlobStore(layout)
     feed = Feed(DATA[:-1] + b"\0")
-    leader = first.track(DIGEST, feed)
+    leader = await first.track(DIGEST, feed)
     assert leader is not None
     await leader.size()
-    follower = second.track(DIGEST, Feed(DATA))
+    follower = await second.track(DIGEST, Feed(DATA))
     assert follower is not None
     await follower.size()
     reader = asyncio.create_task(read_all(follower))
     feed.go.set()
     with pytest.raises(DownloadFailed):
         await reader
-    assert first.stat(DIGEST) is None
+    assert await first.stat(DIGEST) is None
 
 
 async def test_stale_partials_are_removed_but_live_ones_kept(layout: Layout) -> None:
@@ -140,7 +140,7 @@ async def test_stale_partials_are_removed_but_live_ones_kept(layout: Layout) -> 
     layout.size_file(DIGEST).write_text("100")
     store = BlobStore(layout)
     live = Digest("sha256", "0" * 64)
-    tracker = store.track(live, Feed(b"x" * 10))
+    tracker = await store.track(live, Feed(b"x" * 10))
     assert tracker is not None
     await tracker.size()  # its writer holds the lock on tmp/<live>.partial
     assert BlobStore(layout).remove_stale() == 1
@@ -155,15 +155,15 @@ async def test_stale_partials_are_removed_but_live_ones_kept(layout: Layout) -> 
 async def test_cancelled_download_leaves_nothing(layout: Layout) -> None:
     store = BlobStore(layout)
     feed = Feed(DATA)
-    tracker = store.track(DIGEST, feed)
+    tracker = await store.track(DIGEST, feed)
     assert tracker is not None
     await tracker.size()
     live = Digest("sha256", "0" * 64)
-    assert store.track(live, Feed(b"x")) is not None
+    assert await store.track(live, Feed(b"x")) is not None
     # A partial file whose writer is alive survives a clean-up by anyone.
     assert BlobStore(layout).remove_stale() == 0
     await store.close()
-    assert store.stat(DIGEST) is None
+    assert await store.stat(DIGEST) is None
     assert list(layout.tmp.iterdir()) == []
 
 
@@ -226,7 +226,7 @@ async def test_a_write_failure_serves_every_reader_whole_and_keeps_nothing(
     store = BlobStore(layout, failures=WriteFailures(reasons.append))
     fetch = Chunks(DATA, 300_000)
     fetch.gate.clear()
-    first, second, late = (store.track(DIGEST, fetch) for _ in range(3))
+    first, second, late = [await store.track(DIGEST, fetch) for _ in range(3)]
     assert first is not None
     assert second is not None
     assert late is not None
@@ -244,7 +244,7 @@ async def test_a_write_failure_serves_every_reader_whole_and_keeps_nothing(
     assert await ranged == DATA[100:1_000_000]
     assert await whole == DATA
     await store.settle()
-    assert store.stat(DIGEST) is None
+    assert await store.stat(DIGEST) is None
     assert list(layout.tmp.iterdir()) == []
     assert reasons == ["io"]
     assert not store.failures.full  # an I/O error is not a full disk
@@ -257,7 +257,7 @@ async def test_pass_through_keeps_the_last_byte_until_verified_and_fails_on_bad_
     store = BlobStore(layout)
     fetch = Chunks(DATA[:-1] + b"\0", 500_000)
     fetch.gate.clear()
-    tracker = store.track(DIGEST, fetch)
+    tracker = await store.track(DIGEST, fetch)
     assert tracker is not None
     reader, got = reading(tracker)
     await asyncio.sleep(0.05)
@@ -277,8 +277,8 @@ async def test_pass_through_memory_is_bounded_by_the_slowest_reader(
     fail_writes_after(monkeypatch, 0)
     store = BlobStore(layout)
     fetch = Chunks(DATA, 50_000)
-    slow = store.track(DIGEST, fetch)
-    fast = store.track(DIGEST, fetch)
+    slow = await store.track(DIGEST, fetch)
+    fast = await store.track(DIGEST, fetch)
     assert slow is not None
     assert fast is not None
     fast_read = asyncio.create_task(read_all(fast))
@@ -300,7 +300,7 @@ async def test_pass_through_nobody_reads_any_more_stops_the_fetch(
     fail_writes_after(monkeypatch, 0)
     store = BlobStore(layout)
     fetch = Chunks(DATA, 50_000)
-    tracker = store.track(DIGEST, fetch)
+    tracker = await store.track(DIGEST, fetch)
     assert tracker is not None
     stream = tracker.read(0, None)
     assert isinstance(stream, AsyncGenerator)
@@ -310,7 +310,7 @@ async def test_pass_through_nobody_reads_any_more_stops_the_fetch(
     assert fetch.sent < len(DATA)
     assert list(layout.tmp.iterdir()) == []
     # Forgotten: the next request starts a download of its own.
-    again = store.track(DIGEST, Chunks(DATA, 50_000))
+    again = await store.track(DIGEST, Chunks(DATA, 50_000))
     assert again is not None
     assert not again.joined
     await store.close()
@@ -328,13 +328,13 @@ async def test_a_full_disk_is_freed_once_and_the_write_retried(
 
     reasons: list[str] = []
     store = BlobStore(layout, on_full=free, failures=WriteFailures(reasons.append))
-    tracker = store.track(DIGEST, Chunks(DATA, 300_000))
+    tracker = await store.track(DIGEST, Chunks(DATA, 300_000))
     assert tracker is not None
     assert await read_all(tracker) == DATA
     await store.settle()
     assert refused == [1_200_000]
     assert asked == [len(DATA) - 1_200_000]  # what the rest of the blob needs
-    assert store.stat(DIGEST) == len(DATA)
+    assert await store.stat(DIGEST) == len(DATA)
     assert reasons == []
 
 
@@ -349,35 +349,35 @@ async def test_nothing_freed_means_pass_through(
         return 0
 
     store = BlobStore(layout, on_full=free)
-    tracker = store.track(DIGEST, Chunks(DATA, 300_000))
+    tracker = await store.track(DIGEST, Chunks(DATA, 300_000))
     assert tracker is not None
     assert await read_all(tracker) == DATA
     await store.settle()
     assert len(asked) == 1
-    assert store.stat(DIGEST) is None
+    assert await store.stat(DIGEST) is None
     assert store.failures.full
 
 
 async def test_an_open_hit_survives_eviction(layout: Layout) -> None:
     store = BlobStore(layout)
-    tracker = store.track(DIGEST, Chunks(DATA, 1 << 20))
+    tracker = await store.track(DIGEST, Chunks(DATA, 1 << 20))
     assert tracker is not None
     await read_all(tracker)
     await store.settle()
-    with store.open(DIGEST) as hit:  # type: ignore[union-attr]
+    with await store.open(DIGEST) as hit:  # type: ignore[union-attr]
         hit.path.unlink()  # evicted right after the hit
         assert hit.serve_path.read_bytes() == DATA
-    assert store.open(DIGEST) is None
+    assert await store.open(DIGEST) is None
 
 
-def test_a_hit_between_touch_and_grace_is_not_evicted(layout: Layout) -> None:
+async def test_a_hit_between_touch_and_grace_is_not_evicted(layout: Layout) -> None:
     path = layout.blob(DIGEST)
     path.parent.mkdir(parents=True)
     path.write_bytes(DATA)
     now = time.time()
     used = now - (evict.TOUCH_SECONDS + evict.GRACE_SECONDS) / 2  # touched, not yet evictable
     os.utime(path, (used, used))
-    hit = BlobStore(layout).open(DIGEST)
+    hit = await BlobStore(layout).open(DIGEST)
     assert hit is not None
     hit.close()
     later = now + evict.GRACE_SECONDS / 2
@@ -395,7 +395,7 @@ async def test_pass_through_a_reader_far_ahead_does_not_hold_up_the_writer(
     monkeypatch.setattr(blobs, "PASS_THROUGH_BUFFER", 100_000)
     fail_writes_after(monkeypatch, 0)
     store = BlobStore(layout)
-    tracker = store.track(DIGEST, Chunks(DATA, 50_000))
+    tracker = await store.track(DIGEST, Chunks(DATA, 50_000))
     assert tracker is not None
     read = read_all(tracker, 1_500_000)
     assert await asyncio.wait_for(read, timeout=30) == DATA[1_500_000:]

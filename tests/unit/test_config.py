@@ -45,11 +45,34 @@ def test_flags_beat_environment_beat_file(tmp_path: Path) -> None:
         ({"PULLTHROUGH_PREFETCH": "sometimes"}, "prefetch"),
         ({"PULLTHROUGH_PREFETCH_PER_IMAGE": "0"}, "prefetch_per_image"),
         ({"PULLTHROUGH_PREFETCH_PER_IMAGE": "8", "PULLTHROUGH_PREFETCH_TOTAL": "4"}, "total"),
+        ({"PULLTHROUGH_STORAGE": "bucket/prefix"}, "storage must be s3://bucket/prefix"),
+        ({"PULLTHROUGH_STORAGE": "s3://Bad_Bucket"}, "storage must be s3://bucket/prefix"),
+        ({"PULLTHROUGH_STORAGE": "s3://"}, "storage must be s3://bucket/prefix"),
+        ({"PULLTHROUGH_STORAGE": "s3://bucket/a/../b"}, "prefix"),
+        ({"PULLTHROUGH_STORAGE": "s3://bucket", "PULLTHROUGH_S3_ENDPOINT_URL": "x"}, "s3_endpoint"),
+        ({"PULLTHROUGH_REDIRECT": "true"}, "redirect = true needs storage"),
     ],
 )
 def test_bad_values_are_refused_at_start_up(environ: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_settings(environ=environ)
+
+
+def test_storage_on_s3() -> None:
+    settings = load_settings(
+        environ={
+            "PULLTHROUGH_STORAGE": "s3://mirror-blobs/fleet/a/",
+            "PULLTHROUGH_S3_ENDPOINT_URL": "http://seaweedfs:8333",
+            "PULLTHROUGH_S3_REGION": "eu-west-1",
+            "PULLTHROUGH_REDIRECT": "true",
+        }
+    )
+    location = settings.s3_location()
+    assert location is not None
+    assert (location.bucket, location.prefix) == ("mirror-blobs", "fleet/a/")
+    assert (location.endpoint_url, location.region) == ("http://seaweedfs:8333", "eu-west-1")
+    assert settings.redirect
+    assert load_settings(environ={}).s3_location() is None
 
 
 def test_password_never_in_repr() -> None:

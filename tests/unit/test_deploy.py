@@ -10,6 +10,7 @@ config`` and everything else by reading the files.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 import shlex
@@ -21,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from pullthrough.proxy.app import create_app
-from pullthrough.proxy.config import Settings
+from pullthrough.proxy.config import Settings, load_settings
 from tests.support.binaries import require_binary
 from tests.support.mirror import settings_for
 from tests.support.processes import free_port
@@ -80,8 +82,8 @@ def mappings(node: Any) -> Iterator[dict[str, Any]]:
 def compose_services() -> dict[str, str]:
     """The services of docker-compose.yml, each with the text of its block.
 
-    A plain-text reading (the project has no YAML library): enough to find names,
-    ports and mounts; ``docker-compose config`` validates the file itself.
+    A plain-text reading, which also sees the file's comments: enough to find
+    names, ports and mounts; ``docker-compose config`` validates the file itself.
     """
     text = COMPOSE.read_text() + "\nend-of-file:\n"
     section = re.search(r"^services:\n(.*?)(?=^[a-z])", text, re.MULTILINE | re.DOTALL)
@@ -300,3 +302,136 @@ async def test_dockerfile_healthcheck_passes_against_the_app(
     assert port is not None
     assert await run_python(code, port) == 0
     assert await run_python(code, free_port()) != 0, "must fail when nothing answers"
+
+
+# ------------------------------------------------------------------ several nodes
+
+FLEET_COMPOSE = ROOT / "deploy" / "compose-fleet.yml"
+FLEET = ROOT / "deploy" / "fleet"
+K8S = ROOT / "deploy" / "k8s"
+NODES = {"pullthrough-1", "pullthrough-2", "pullthrough-3"}
+# Settings of the S3 storage backend, built beside this one; until both are in
+# one tree they are not fields here, and the files' other settings are checked.
+S3_SETTINGS = {"storage", "s3_endpoint_url", "s3_region", "redirect"}
+
+
+def fleet_config() -> dict[str, Any]:
+    """The fleet Compose file as docker-compose resolves it (anchors merged)."""
+    binary = require_binary("docker-compose")
+    command = [binary, "--project-directory", str(FLEET_COMPOSE.parent), "-f", str(FLEET_COMPOSE)]
+    checked = subprocess.run(
+        [*command, "config"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert checked.returncode == 0, checked.stderr
+    config: dict[str, Any] = yaml.safe_load(checked.stdout)
+    return config
+
+
+def check_settings(values: dict[str, Any], where: str) -> Settings:
+    """The settings these values make (file types), S3 ones aside until they exist."""
+    known = {f.name for f in dataclasses.fields(Settings)}
+    pending = S3_SETTINGS - known
+    unknown = set(values) - known - pending
+    assert not unknown, f"{where}: no such settings {sorted(unknown)}"
+    return load_settings(overrides={k: v for k, v in values.items() if k not in pending})
+
+
+def test_fleet_compose_file_validates_and_wires_the_nodes() -> None:
+    services = fleet_config()["services"]
+    assert set(services) == NODES | {"nginx", "redis", "seaweedfs", "prometheus"}
+    for name in NODES:
+        env = services[name]["environment"]
+        assert env["PULLTHROUGH_REDIS_URL"] == "redis://redis:6379/0"
+        assert env["PULLTHROUGH_STORAGE"].startswith("s3://")
+        assert env["PULLTHROUGH_S3_ENDPOINT_URL"] == "http://seaweedfs:8333"
+        values = {
+            k.removeprefix("PULLTHROUGH_").lower(): v
+            for k, v in env.items()
+            if k.startswith("PULLTHROUGH_")
+        }
+        known = {f.name for f in dataclasses.fields(Settings)}
+        pending = S3_SETTINGS - known
+        assert set(values) <= known | pending
+        settings = load_settings(
+            environ={f"PULLTHROUGH_{k.upper()}": v for k, v in values.items() if k not in pending}
+        )
+        assert settings.redis_url == "redis://redis:6379/0"
+        # Each node its own volume for what stays local.
+        volumes = [v.split(":")[0] for v in services[name]["volumes"]]
+        assert volumes == [f"node-{name[-1]}"]
+    bucket = env["PULLTHROUGH_STORAGE"].removeprefix("s3://").split("/")[0]
+    assert f"-bucket={bucket}" in services["seaweedfs"]["command"]
+    keys = json.loads((FLEET / "s3.json").read_text())["identities"][0]["credentials"][0]
+    assert env["AWS_ACCESS_KEY_ID"] == keys["accessKey"]
+    assert env["AWS_SECRET_ACCESS_KEY"] == keys["secretKey"]
+    mounts = dict(v.split(":")[:2] for v in services["nginx"]["volumes"])
+    assert mounts[str(FLEET / "nginx.conf")] == "/etc/nginx/nginx.conf"
+
+
+def test_nginx_and_prometheus_reach_every_node() -> None:
+    upstreams = re.findall(r"^\s*server (\S+):(\d+)", (FLEET / "nginx.conf").read_text(), re.M)
+    assert {host for host, _ in upstreams} == NODES
+    assert {int(port) for _, port in upstreams} == {DEFAULTS.port}
+    targets = yaml.safe_load((FLEET / "prometheus.yml").read_text())["scrape_configs"][0]
+    assert set(targets["static_configs"][0]["targets"]) == {f"{n}:{DEFAULTS.port}" for n in NODES}
+
+
+def k8s_objects() -> dict[str, dict[str, Any]]:
+    """Every object of deploy/k8s by kind (one of each)."""
+    found: dict[str, dict[str, Any]] = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            assert doc["kind"] not in found, f"two {doc['kind']} objects"
+            found[doc["kind"]] = doc
+    return found
+
+
+async def test_kubernetes_manifests_fit_the_app(aiohttp_client: Client, tmp_path: Path) -> None:
+    objects = k8s_objects()
+    assert set(objects) == {"ConfigMap", "Deployment", "Service", "Kustomization"}
+    listed = set(objects["Kustomization"]["resources"])
+    assert listed == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    deployment, service = objects["Deployment"], objects["Service"]
+    spec = deployment["spec"]
+    assert spec["replicas"] == 3
+    labels = spec["template"]["metadata"]["labels"]
+    assert spec["selector"]["matchLabels"].items() <= labels.items()
+    assert service["spec"]["selector"].items() <= labels.items()
+    (container,) = spec["template"]["spec"]["containers"]
+    (port,) = container["ports"]
+    assert port["containerPort"] == DEFAULTS.port
+    assert service["spec"]["ports"][0]["targetPort"] == port["name"]
+    probes = {kind: container[kind]["httpGet"] for kind in ("readinessProbe", "livenessProbe")}
+    assert {p["path"] for p in probes.values()} == {"/readyz", "/healthz"}
+    assert {p["port"] for p in probes.values()} == {port["name"]}
+    client = await aiohttp_client(
+        create_app(settings_for(tmp_path / "cache", "http://127.0.0.1:9"))
+    )
+    for probe in probes.values():
+        assert (await client.get(probe["path"])).status == 200
+    # The config file the container reads is the ConfigMap's, and it holds settings.
+    env = {e["name"]: e["value"] for e in container["env"]}
+    config_path = Path(env["PULLTHROUGH_CONFIG"])
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == str(config_path.parent))
+    volume = next(v for v in spec["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+    config_map = objects["ConfigMap"]
+    assert volume["configMap"]["name"] == config_map["metadata"]["name"]
+    values = tomllib.loads(config_map["data"][config_path.name])
+    settings = check_settings(values, "deploy/k8s/configmap.yaml")
+    assert settings.redis_url is not None
+    assert values["storage"].startswith("s3://")
+    local = next(m for m in container["volumeMounts"] if m["mountPath"] == str(settings.cache_dir))
+    assert local["name"] in {v["name"] for v in spec["template"]["spec"]["volumes"]}
+
+
+async def test_readme_fleet_queries_name_metrics_the_app_exposes(
+    aiohttp_client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    readme = (ROOT / "README.md").read_text()
+    section = readme.partition("\n## Several nodes\n")[2].partition("\n## ")[0]
+    queries = re.findall(r"```promql\n(.*?)```", section, re.DOTALL)
+    assert queries, "README's Several nodes section has no PromQL block"
+    named = set(METRIC.findall("".join(queries)))
+    assert len(named) >= 5
+    assert named <= await exposed_series(aiohttp_client, tmp_path)

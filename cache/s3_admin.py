@@ -16,6 +16,7 @@ import json
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import botocore.config
@@ -34,6 +35,9 @@ from pullthrough.cache.s3_location import S3Location
 from pullthrough.cache.scrub import VerifyReport
 
 READ_CHUNK = 1 << 20
+# Imports send blobs over this size in parts (S3 takes at most 5 GiB in one PUT).
+UPLOAD_PART_BYTES = 64 << 20
+_TAKEN = frozenset({"412", "PreconditionFailed", "ConditionalRequestConflict"})
 
 
 def client_for(location: S3Location) -> Any:
@@ -168,6 +172,76 @@ class S3Admin:
         return dataclasses.replace(
             found, moved_to=f"{aside}{obj.digest.algorithm}/{obj.digest.hex}"
         )
+
+    def blob(self, digest: Digest) -> S3Object | None:
+        """The committed blob ``digest``, or None."""
+        key = self.location.key("blobs", digest)
+        try:
+            head = self._client.head_object(Bucket=self.location.bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey"}:
+                return None
+            raise
+        modified = head["LastModified"].timestamp()
+        return S3Object("blob", digest, head["ContentLength"], modified, key)
+
+    def download(self, obj: S3Object, target: Path) -> Corrupt | None:
+        """Copy a blob to the local file ``target``, hashing it on the way; a blob
+        whose bytes are not its digest is quarantined on S3 (and ``target`` removed)."""
+        resp = self._client.get_object(Bucket=self.location.bucket, Key=obj.key)
+        hasher = obj.digest.hasher()
+        with target.open("wb") as f:
+            for chunk in resp["Body"].iter_chunks(READ_CHUNK):
+                hasher.update(chunk)
+                f.write(chunk)
+        actual = f"{obj.digest.algorithm}:{hasher.hexdigest()}"
+        if actual == str(obj.digest):
+            return None
+        target.unlink()
+        detail = f"content hashes to {actual}"
+        return Corrupt("blob", obj.digest, detail, self._set_aside(obj, resp["ETag"]))
+
+    def upload(self, digest: Digest, source: Path) -> bool:
+        """Store the verified local file ``source`` as blob ``digest`` unless one
+        is there; True when this call added it. Conditional like the mirror's
+        commits (``If-None-Match: *``): a racing writer's bytes are the same."""
+        key = self.location.key("blobs", digest)
+        size = source.stat().st_size
+        try:
+            if size <= UPLOAD_PART_BYTES:
+                self._client.put_object(
+                    Bucket=self.location.bucket, Key=key, Body=source.read_bytes(), IfNoneMatch="*"
+                )
+            else:
+                self._upload_parts(key, source)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in _TAKEN:
+                return False
+            raise
+        return True
+
+    def _upload_parts(self, key: str, source: Path) -> None:
+        bucket = self.location.bucket
+        upload_id = self._client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+        try:
+            parts: list[dict[str, Any]] = []
+            with source.open("rb") as f:
+                while body := f.read(UPLOAD_PART_BYTES):
+                    number = len(parts) + 1
+                    done = self._client.upload_part(
+                        Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body
+                    )
+                    parts.append({"PartNumber": number, "ETag": done["ETag"]})
+            self._client.complete_multipart_upload(
+                Bucket=bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},
+                IfNoneMatch="*",
+            )
+        except BaseException:
+            self._client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+            raise
 
     def remove(self, obj: S3Object) -> None:
         self._client.delete_object(Bucket=self.location.bucket, Key=obj.key)

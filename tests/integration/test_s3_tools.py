@@ -19,6 +19,7 @@ from pullthrough.cache.s3_location import S3Location
 from pullthrough.proxy.console import human
 from tests.support.images import Image, make_image
 from tests.support.mirror import MirrorProcess, run_cli
+from tests.support.processes import free_port
 from tests.support.redis import RedisServer
 from tests.support.registry import Registry, RegistryFactory
 from tests.support.seaweed import SeaweedS3
@@ -243,3 +244,49 @@ def test_gc_removes_an_orphan_blob_and_a_dead_upload_and_keeps_what_manifests_na
     assert keys(s3, seaweed.bucket, f"{prefix}/blobs/") == referenced
     uploads = s3.list_multipart_uploads(Bucket=seaweed.bucket, Prefix=f"{prefix}/")
     assert dead["UploadId"] not in {u["UploadId"] for u in uploads.get("Uploads", [])}
+
+
+def test_export_from_one_prefix_and_import_into_another_then_pull_it_offline(
+    seaweed: SeaweedS3,
+    redis_url: str,
+    make_registry: RegistryFactory,
+    skopeo_cli: Skopeo,
+    s3: Any,
+    tmp_path: Path,
+) -> None:
+    image = make_image("team/carry", "1", seed="s3tools-carry", layer_sizes=(120_000, 30_000))
+    origin = make_registry(seed=[image])
+    first = node_env(seaweed, redis_url, f"from-{uuid.uuid4().hex}")
+    node = MirrorProcess(tmp_path / "node", origin.url, env=first)
+    node.start()
+    try:
+        pull(skopeo_cli, node, image, tmp_path / "pulled")
+    finally:
+        node.stop()
+    archive = tmp_path / "carry.tar"
+    code, out = cli(
+        "export", "-o", str(archive), "team/carry:1", tmp_path=tmp_path, origin=origin, env=first
+    )
+    assert code == 0, out
+    assert f"{len(image.blobs)} blob(s)" in out
+
+    # Elsewhere: another prefix, another Redis, and no way to the upstream.
+    prefix = f"to-{uuid.uuid4().hex}"
+    with RedisServer(tmp_path / "redis-2") as other:
+        second = node_env(seaweed, other.url, prefix)
+        code, out = cli("import", str(archive), tmp_path=tmp_path, origin=origin, env=second)
+        assert code == 0, out
+        assert f"{len(image.blobs)} blob(s) added" in out
+        assert keys(s3, seaweed.bucket, f"{prefix}/blobs/") == {
+            blob_key(prefix, b.digest) for b in image.blobs
+        }
+        offline = MirrorProcess(tmp_path / "offline", f"http://127.0.0.1:{free_port()}", env=second)
+        offline.start()
+        try:
+            pull(skopeo_cli, offline, image, tmp_path / "offline-pull")
+        finally:
+            offline.stop()
+    assert dir_blob_digests(tmp_path / "offline-pull") == {b.digest for b in image.blobs}
+    for blob in image.blobs:
+        data = (tmp_path / "offline-pull" / blob.digest.removeprefix("sha256:")).read_bytes()
+        assert "sha256:" + hashlib.sha256(data).hexdigest() == blob.digest

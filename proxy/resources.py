@@ -18,6 +18,7 @@ from pullthrough.cache.coordination import FetchLocks, LocalLocks
 from pullthrough.cache.errors import StorageUnavailable
 from pullthrough.cache.layout import Layout
 from pullthrough.cache.manifests import ManifestStore
+from pullthrough.cache.redis_client import async_client
 from pullthrough.cache.redis_locks import RedisLocks
 from pullthrough.cache.redis_tags import RedisTags
 from pullthrough.cache.s3_location import S3Location
@@ -102,6 +103,8 @@ async def _s3_stores(
     settings: Settings,
     locks: FetchLocks,
     on_corrupt: Callable[[], None],
+    *,
+    on_commit: Callable[[], None],
 ) -> tuple[S3BlobStore, S3ManifestStore]:
     """The blob and manifest stores of one S3 place; this node stages downloads
     under its cache's ``tmp/s3``. Uploads of downloads that died (on any node)
@@ -113,6 +116,7 @@ async def _s3_stores(
         locks=locks,
         staging=layout.tmp / "s3",
         redirect=settings.redirect,
+        on_commit=on_commit,  # the size limit is checked soon after
     )
     removed = blobs.remove_stale()
     try:
@@ -122,6 +126,16 @@ async def _s3_stores(
     if removed:
         log.info("removed %d staging files and dead uploads of %s", removed, location)
     return blobs, S3ManifestStore(location, on_corrupt=on_corrupt)
+
+
+def _recording_uses(blobs: S3BlobStore, place: S3Location, settings: Settings) -> BlobStorage:
+    """With ``redis_url``, blob hits are recorded where every node's eviction sees
+    them (cache/s3_evict.py); without, eviction goes by write time."""
+    if settings.redis_url is None:
+        return blobs
+    from pullthrough.cache.s3_evict import UsedBlobs, UseRecorder  # the s3 extra
+
+    return UsedBlobs(blobs, UseRecorder(async_client(settings.redis_url), place))
 
 
 async def _close_tags(tags: Tags) -> None:
@@ -172,9 +186,11 @@ async def open_mirrors(settings: Settings, metrics: Metrics) -> AsyncIterator[Re
             # A private upstream's store (upstreams/<name>) keeps that sub-prefix.
             place = location.under(layout.root.relative_to(root).as_posix().strip("."))
             assert locks is not None
-            blobs_s3, manifests_s3 = await _s3_stores(place, layout, settings, locks, corrupt)
+            blobs_s3, manifests_s3 = await _s3_stores(
+                place, layout, settings, locks, corrupt, on_commit=housekeeper.poke
+            )
             closing.append(manifests_s3.close)
-            opened[layout] = (blobs_s3, manifests_s3)
+            opened[layout] = (_recording_uses(blobs_s3, place, settings), manifests_s3)
             continue
         failures = WriteFailures(count_failure)
         fs_blobs = BlobStore(

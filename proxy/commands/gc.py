@@ -18,7 +18,7 @@ def run(args: argparse.Namespace, settings: Settings, console: Console) -> int:
     evicted = evicted_bytes = 0
     with open_images(settings, create=False) as images:
         if images.s3 is not None:
-            return _on_s3(args, images, console)
+            return _on_s3(args, settings, images, console)
         garbage = gc.collect(
             images.distinct_layouts(),
             protected=images.protected(),
@@ -42,18 +42,27 @@ def run(args: argparse.Namespace, settings: Settings, console: Console) -> int:
     return 0
 
 
-def _on_s3(args: argparse.Namespace, images: CachedImages, console: Console) -> int:
+def _on_s3(
+    args: argparse.Namespace, settings: Settings, images: CachedImages, console: Console
+) -> int:
     from pullthrough.cache import s3_admin  # the s3 extra
 
     assert images.s3 is not None
     garbage = s3_admin.collect(
         list(images.s3.values()), protected=images.protected(), delete=args.delete
     )
+    evicted = evicted_bytes = 0
+    keeper = Housekeeper(settings, images)
+    if keeper.limited:
+        eviction = keeper.run_once(dry_run=not args.delete)
+        if eviction is not None:
+            evicted, evicted_bytes = len(eviction.removed), eviction.freed
     verb = "removed" if args.delete else "would remove"
     console.print(
         f"{verb} {len(garbage.unreferenced)} unreferenced blob(s) "
-        f"({human(garbage.unreferenced_bytes)}) and {garbage.uploads} multipart upload(s) "
-        "of dead downloads from S3"
+        f"({human(garbage.unreferenced_bytes)}), {garbage.uploads} multipart upload(s) "
+        f"of dead downloads, {evicted} blob(s) over the size/age limits "
+        f"({human(evicted_bytes)}) from S3"
     )
     for reason in garbage.skipped:
         console.print(f"[yellow]kept: {reason}")

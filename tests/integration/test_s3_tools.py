@@ -5,6 +5,7 @@ node's empty folders."""
 from __future__ import annotations
 
 import hashlib
+import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -12,13 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from pullthrough.cache.digests import Digest
+from pullthrough.cache.evict import GRACE_SECONDS, LOW_WATER
 from pullthrough.cache.s3_location import S3Location
 from pullthrough.proxy.console import human
+from pullthrough.proxy.images import open_images
 from tests.support.images import Image, make_image
-from tests.support.mirror import MirrorProcess, run_cli
+from tests.support.mirror import MirrorProcess, run_cli, settings_for
 from tests.support.processes import free_port
 from tests.support.redis import RedisServer
 from tests.support.registry import Registry, RegistryFactory
@@ -223,7 +227,7 @@ def test_gc_removes_an_orphan_blob_and_a_dead_upload_and_keeps_what_manifests_na
     # Just written: it may be a pull whose manifest is on its way, so it stays.
     code, out = cli("gc", "--delete", tmp_path=tmp_path, origin=origin, env=env)
     assert code == 0, out
-    assert "removed 0 unreferenced blob(s)" in out
+    assert "removed 0 unreferenced blob(s)" in out, out
     assert keys(s3, seaweed.bucket, f"{prefix}/blobs/") == referenced | {
         blob_key(prefix, orphan_digest)
     }
@@ -290,3 +294,97 @@ def test_export_from_one_prefix_and_import_into_another_then_pull_it_offline(
     for blob in image.blobs:
         data = (tmp_path / "offline-pull" / blob.digest.removeprefix("sha256:")).read_bytes()
         assert "sha256:" + hashlib.sha256(data).hexdigest() == blob.digest
+
+
+@pytest.mark.parametrize("pin", [False, True])
+def test_eviction_removes_the_least_recently_used_unpinned_blobs_from_s3(
+    pin: bool,
+    seaweed: SeaweedS3,
+    redis_url: str,
+    make_registry: RegistryFactory,
+    skopeo_cli: Skopeo,
+    s3: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pullthrough.cache import s3_evict
+
+    one, two, three = (
+        make_image(f"team/lru{i}", "1", seed=f"s3tools-lru-{i}", layer_sizes=(1 << 20,))
+        for i in range(3)
+    )
+    origin = make_registry(seed=[one, two, three])
+    prefix = f"lru-{uuid.uuid4().hex}"
+    env = node_env(seaweed, redis_url, prefix)
+    if pin:
+        code, out = cli("cache", "pin", "team/lru1:1", tmp_path=tmp_path, origin=origin, env=env)
+        assert code == 0, out
+    node = MirrorProcess(tmp_path / "node", origin.url, env=env)
+    node.start()
+    try:
+        for n, image in enumerate((one, two, three)):
+            pull(skopeo_cli, node, image, tmp_path / f"first-{n}")
+            time.sleep(1.1)  # S3 keeps write times to the second: an order to see
+    finally:
+        node.stop()
+    # Hits on another node (a node records a blob's use at most every 20 s, and
+    # the first pull's reads were just now): recorded in Redis, so `one` is now
+    # the most recently used for every node.
+    other = MirrorProcess(tmp_path / "other", origin.url, env=env)
+    other.start()
+    try:
+        pull(skopeo_cli, other, one, tmp_path / "again")
+    finally:
+        other.stop()
+    every = {blob_key(prefix, b.digest) for i in (one, two, three) for b in i.blobs}
+    assert keys(s3, seaweed.bucket, f"{prefix}/blobs/") == every
+    lru = three if pin else two
+    admin = s3_admin.S3Admin(location(seaweed, prefix))
+    try:
+        total, _, _ = admin.usage()
+        # Room for all but about one layer: one image has to go.
+        limit = int((total - (1 << 19)) / LOW_WATER)
+        # What the pins protect, found as the server's housekeeper finds it: on S3.
+        for name, value in env.items():
+            if name.startswith("AWS_"):
+                monkeypatch.setenv(name, value)
+        settings = settings_for(
+            tmp_path / "operator",
+            origin.url,
+            storage=env["PULLTHROUGH_STORAGE"],
+            s3_endpoint_url=seaweed.direct_endpoint,
+            redis_url=redis_url,
+        )
+        with open_images(settings) as images:
+            protected = images.protected()
+        assert ({Digest.parse(b.digest) for b in two.blobs} <= protected) is pin
+
+        def evict() -> s3_evict.S3Eviction | None:
+            return s3_evict.evict(
+                [admin],
+                redis_url=redis_url,
+                lock_dir=tmp_path / "operator",
+                max_size=limit,
+                max_age_seconds=None,
+                protected=protected,
+                now=time.time() + 2 * GRACE_SECONDS,  # as if a minute passed
+            )
+
+        # Another node evicting holds the lock: this one leaves it alone.
+        held = redis.Redis.from_url(redis_url)
+        held.set("pullthrough:lock:evict", "another node", px=60_000)
+        assert evict() is None
+        held.delete("pullthrough:lock:evict")
+        held.close()
+
+        result = evict()
+        assert result is not None
+        removed = {str(o.digest) for o in result.removed}
+        # Its layer (its config too, when listed first: written in the same second).
+        assert lru.layers_of(lru.top)[0].digest in removed
+        assert removed <= {b.digest for b in lru.blobs}
+    finally:
+        admin.close()
+    assert keys(s3, seaweed.bucket, f"{prefix}/blobs/") == every - {
+        blob_key(prefix, d) for d in removed
+    }

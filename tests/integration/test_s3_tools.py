@@ -5,6 +5,7 @@ node's empty folders."""
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 import urllib.request
 import uuid
@@ -120,7 +121,8 @@ def test_ls_du_and_the_size_metrics_measure_the_bucket(
     )
     origin = make_registry(seed=[image])
     prefix = f"tools-{uuid.uuid4().hex}"
-    env = node_env(seaweed, redis_url, prefix)
+    # A size limit far above the image: the node's eviction passes run, remove nothing.
+    env = {**node_env(seaweed, redis_url, prefix), "PULLTHROUGH_MAX_SIZE": str(1 << 30)}
     node = MirrorProcess(tmp_path / "node", origin.url, env=env)
     node.start()
     try:
@@ -385,6 +387,15 @@ def test_eviction_removes_the_least_recently_used_unpinned_blobs_from_s3(
         assert removed <= {b.digest for b in lru.blobs}
     finally:
         admin.close()
+    assert keys(s3, seaweed.bucket, f"{prefix}/blobs/") == every - {
+        blob_key(prefix, d) for d in removed
+    }
+    # The command line's pass (the server's housekeeper) on the same bucket: a
+    # dry run counts, and removes nothing.
+    limited = {**env, "PULLTHROUGH_MAX_SIZE": "1"}
+    code, out = cli("gc", tmp_path=tmp_path, origin=origin, env=limited)
+    assert code == 0, out
+    assert re.search(r"\d+ blob\(s\) over the size/age limits \(.*\) from S3", out), out
     assert keys(s3, seaweed.bucket, f"{prefix}/blobs/") == every - {
         blob_key(prefix, d) for d in removed
     }

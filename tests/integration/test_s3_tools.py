@@ -399,3 +399,25 @@ def test_eviction_removes_the_least_recently_used_unpinned_blobs_from_s3(
     assert keys(s3, seaweed.bucket, f"{prefix}/blobs/") == every - {
         blob_key(prefix, d) for d in removed
     }
+
+
+def test_warm_fetches_into_the_bucket_and_a_second_warm_fetches_nothing(
+    seaweed: SeaweedS3, redis_url: str, make_registry: RegistryFactory, s3: Any, tmp_path: Path
+) -> None:
+    image = make_image("team/warm", "1", seed="s3tools-warm", layer_sizes=(90_000, 10_000))
+    origin = make_registry(seed=[image])
+    prefix = f"warm-{uuid.uuid4().hex}"
+    env = node_env(seaweed, redis_url, prefix)
+    code, out = cli("warm", "team/warm:1", tmp_path=tmp_path, origin=origin, env=env)
+    assert code == 0, out
+    assert keys(s3, seaweed.bucket, f"{prefix}/blobs/") == {
+        blob_key(prefix, b.digest) for b in image.blobs
+    }
+    mark = origin.mark()
+    code, out = cli("warm", "team/warm:1", tmp_path=tmp_path, origin=origin, env=env)
+    assert code == 0, out
+    fetched = [e for e in origin.requests_since(mark) if "/blobs/" in e.path]
+    assert fetched == []
+    code, out = cli("cache", "ls", tmp_path=tmp_path, origin=origin, env=env)
+    assert code == 0, out
+    assert "team/warm:1" in out

@@ -68,6 +68,7 @@ class S3Object:
     size: int  # a manifest's counts its media type line
     modified: float  # when it was written (S3 keeps no access time)
     key: str
+    etag: str = ""  # changes when the object is written again
 
 
 class S3Admin:
@@ -95,7 +96,8 @@ class S3Admin:
                 digest = Digest.parse(f"{algorithm}:{hex_}")
             except InvalidDigest:
                 continue  # not ours
-            yield S3Object(kind, digest, entry["Size"], entry["LastModified"].timestamp(), key)
+            modified = entry["LastModified"].timestamp()
+            yield S3Object(kind, digest, entry["Size"], modified, key, entry.get("ETag", ""))
 
     def every(self) -> Iterator[S3Object]:
         yield from self.objects("manifest")
@@ -183,7 +185,7 @@ class S3Admin:
                 return None
             raise
         modified = head["LastModified"].timestamp()
-        return S3Object("blob", digest, head["ContentLength"], modified, key)
+        return S3Object("blob", digest, head["ContentLength"], modified, key, head.get("ETag", ""))
 
     def download(self, obj: S3Object, target: Path) -> Corrupt | None:
         """Copy a blob to the local file ``target``, hashing it on the way; a blob

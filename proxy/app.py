@@ -16,7 +16,7 @@ from pullthrough.cache import stores
 from pullthrough.cache.digests import Digest
 from pullthrough.cache.layout import Layout
 from pullthrough.cache.manifests import ManifestStore
-from pullthrough.cache.s3_location import store_location
+from pullthrough.cache.s3_location import S3Location, store_location
 from pullthrough.cache.scrub import Scrubber
 from pullthrough.cache.stores import KnownUpstream
 from pullthrough.metrics import CacheUsage, HostedUsage, Metrics
@@ -179,10 +179,39 @@ def _scrub(
     """Start the background scrub (a thread: it reads and hashes, at a bounded rate)."""
     if settings.scrub_rate == 0:
         return None
+    location = settings.s3_location()
+    if location is not None:
+        return _scrub_s3(settings, location, distinct, metrics, stop)
     scrubber = Scrubber(
         distinct,
         # One lock for the whole cache: one scrubbing process per server.
         Layout(settings.cache_dir.resolve()).scrub_lock,
+        rate=settings.scrub_rate,
+        on_bytes=metrics.scrub_bytes.inc,
+        on_corrupt=lambda kind: metrics.corrupt_objects.labels(kind).inc(),
+        on_pass=metrics.scrub_passes.inc,
+    )
+    thread = threading.Thread(target=scrubber.run, args=(stop,), name="scrub", daemon=True)
+    thread.start()
+    return thread
+
+
+def _scrub_s3(
+    settings: Settings,
+    location: S3Location,
+    distinct: list[Layout],
+    metrics: Metrics,
+    stop: threading.Event,
+) -> threading.Thread:
+    """The stores' objects on S3, by one node of those sharing ``redis_url``."""
+    from pullthrough.cache.s3_admin import S3Admin  # the s3 extra
+    from pullthrough.cache.s3_scrub import S3Scrubber
+
+    root = settings.cache_dir.resolve()
+    scrubber = S3Scrubber(
+        [S3Admin(store_location(location, root, layout.root)) for layout in distinct],
+        redis_url=settings.redis_url,
+        lock_file=Layout(root).scrub_lock,
         rate=settings.scrub_rate,
         on_bytes=metrics.scrub_bytes.inc,
         on_corrupt=lambda kind: metrics.corrupt_objects.labels(kind).inc(),

@@ -98,13 +98,16 @@ def cli(*args: str, tmp_path: Path, origin: Registry, env: dict[str, str]) -> tu
     return result.returncode, result.stdout + result.stderr
 
 
+SCRAPED = ("pullthrough_cache_", "pullthrough_scrub_", "pullthrough_corrupt_")
+
+
 def scrape(url: str) -> dict[tuple[str, str], float]:
     with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
         text = resp.read().decode()
     found = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name.startswith("pullthrough_cache_"):
+            if sample.name.startswith(SCRAPED):
                 found[(sample.name, sample.labels.get("kind", ""))] = sample.value
     return found
 
@@ -421,3 +424,48 @@ def test_warm_fetches_into_the_bucket_and_a_second_warm_fetches_nothing(
     code, out = cli("cache", "ls", tmp_path=tmp_path, origin=origin, env=env)
     assert code == 0, out
     assert "team/warm:1" in out
+
+
+def test_one_node_of_two_scrubs_the_bucket_and_quarantines_a_damaged_blob(
+    seaweed: SeaweedS3,
+    redis_url: str,
+    make_registry: RegistryFactory,
+    skopeo_cli: Skopeo,
+    s3: Any,
+    tmp_path: Path,
+) -> None:
+    image = make_image("team/scrub", "1", seed="s3tools-scrub", layer_sizes=(150_000,))
+    origin = make_registry(seed=[image])
+    layer = image.layers_of(image.top)[0]
+    prefix = f"scrub-{uuid.uuid4().hex}"
+    env = node_env(seaweed, redis_url, prefix)
+    node = MirrorProcess(tmp_path / "node", origin.url, env=env)
+    node.start()
+    try:
+        pull(skopeo_cli, node, image, tmp_path / "pulled")
+    finally:
+        node.stop()
+    key = blob_key(prefix, layer.digest)
+    data = bytearray(s3.get_object(Bucket=seaweed.bucket, Key=key)["Body"].read())
+    data[7] ^= 0x80
+    s3.put_object(Bucket=seaweed.bucket, Key=key, Body=bytes(data))
+    aside = f"{prefix}/quarantine/blobs/sha256/{layer.digest.removeprefix('sha256:')}"
+
+    nodes = [MirrorProcess(tmp_path / f"node-{i}", origin.url, env=env) for i in (1, 2)]
+    try:
+        for each in nodes:
+            each.start()
+        deadline = time.monotonic() + 30
+        while aside not in keys(s3, seaweed.bucket, f"{prefix}/quarantine/"):
+            assert time.monotonic() < deadline, "the damaged blob was not quarantined"
+            time.sleep(0.2)
+        assert key not in keys(s3, seaweed.bucket, f"{prefix}/blobs/")
+        scraped = [scrape(each.url) for each in nodes]
+    finally:
+        for each in nodes:
+            each.stop()
+    corrupt = [m.get(("pullthrough_corrupt_objects_total", "blob"), 0.0) for m in scraped]
+    assert sorted(corrupt) == [0.0, 1.0]
+    scrubbed = [m.get(("pullthrough_scrub_bytes_total", ""), 0.0) for m in scraped]
+    assert sorted(scrubbed)[0] == 0.0  # the other node waits for the lock
+    assert sorted(scrubbed)[1] >= layer.size

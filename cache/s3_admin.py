@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,10 +35,25 @@ from pullthrough.cache.s3 import STALE_UPLOAD_SECONDS, S3ManifestStore
 from pullthrough.cache.s3_location import S3Location
 from pullthrough.cache.scrub import VerifyReport
 
+log = logging.getLogger(__name__)
+
 READ_CHUNK = 1 << 20
 # Imports send blobs over this size in parts (S3 takes at most 5 GiB in one PUT).
 UPLOAD_PART_BYTES = 64 << 20
 _TAKEN = frozenset({"412", "PreconditionFailed", "ConditionalRequestConflict"})
+
+
+def report(found: Corrupt) -> None:
+    """The operator's WARNING for a corrupt object on S3."""
+    where = f"moved to {found.moved_to}" if found.moved_to else "replaced meanwhile"
+    log.warning(
+        "corrupt %s %s in S3 (%s): %s; a miss from now on, fetched again from the "
+        "upstream when asked for",
+        found.kind,
+        found.digest,
+        found.detail,
+        where,
+    )
 
 
 def client_for(location: S3Location) -> Any:

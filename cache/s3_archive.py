@@ -28,8 +28,7 @@ from pullthrough.cache.archive import (
 )
 from pullthrough.cache.layout import Layout
 from pullthrough.cache.manifests import ManifestStore
-from pullthrough.cache.quarantine import report
-from pullthrough.cache.s3_admin import S3Admin
+from pullthrough.cache.s3_admin import S3Admin, report
 
 Progress = Callable[[int], None]
 

@@ -27,10 +27,9 @@ import redis
 from botocore.exceptions import BotoCoreError, ClientError
 from redis.exceptions import RedisError
 
-from pullthrough.cache.quarantine import report
 from pullthrough.cache.redis_client import blocking_client
 from pullthrough.cache.redis_locks import PREFIX
-from pullthrough.cache.s3_admin import S3Admin, S3Object
+from pullthrough.cache.s3_admin import S3Admin, S3Object, report
 from pullthrough.cache.scrub import (
     LOCK_RETRY_SECONDS,
     PAUSE_MAX_SECONDS,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -16,7 +16,31 @@ from pullthrough.cache.errors import InvalidDigest
 from pullthrough.cache.evict import entries
 from pullthrough.cache.layout import Layout
 from pullthrough.cache.manifests import ManifestStore, StoredManifest
-from pullthrough.cache.storage import TagStorage
+from pullthrough.cache.storage import ManifestStorage, TagStorage
+
+# The size and last use of a store's blob or manifest, None when it is not there.
+Stat = Callable[[Layout, str, Digest], "tuple[int, float] | None"]
+# The bytes of a small blob (an image config), None when absent or over the limit.
+SmallBlob = Callable[[Layout, Digest, int], "bytes | None"]
+
+
+def file_stat(layout: Layout, kind: str, digest: Digest) -> tuple[int, float] | None:
+    path = layout.manifest(digest) if kind == "manifest" else layout.blob(digest)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_size, st.st_mtime
+
+
+def file_small_blob(layout: Layout, digest: Digest, limit: int) -> bytes | None:
+    path = layout.blob(digest)
+    try:
+        if path.stat().st_size > limit:
+            return None
+        return path.read_bytes()
+    except OSError:
+        return None
 
 
 @dataclass
@@ -33,11 +57,19 @@ class ImageRow:
 
 
 def list_images(
-    tags: TagStorage, layouts: Mapping[str, Layout], shared: Layout, pins: Collection[str]
+    tags: TagStorage,
+    layouts: Mapping[str, Layout],
+    shared: Layout,
+    pins: Collection[str],
+    *,
+    manifests: Callable[[Layout], ManifestStorage] = ManifestStore,
+    stat: Stat = file_stat,
+    small_blob: SmallBlob = file_small_blob,
 ) -> list[ImageRow]:
     """Every tag recorded for an upstream in ``layouts`` whose manifest is still
     cached, with what its content weighs and when it was last used. A manifest is
-    looked for in the upstream's own store, then in the shared one."""
+    looked for in the upstream's own store, then in the shared one. ``manifests``
+    and ``stat`` reach a store's content (the files of the folder by default)."""
     seen: dict[tuple[str, str], ImageRow] = {}
     for name, repository, tag, _, entry in tags.tags():
         own = layouts.get(name)
@@ -49,23 +81,22 @@ def list_images(
         top, layout = None, own
         for layout in dict.fromkeys((own, shared)):
             with contextlib.suppress(InvalidDigest):
-                top = ManifestStore(layout).read(Digest.parse(entry.digest), touch=False)
+                top = manifests(layout).read(Digest.parse(entry.digest), touch=False)
             if top is not None:
                 break
         if top is None:
             continue  # evicted since
-        walked = graph.closure(top, partial(ManifestStore(layout).read, touch=False))
+        walked = graph.closure(top, partial(manifests(layout).read, touch=False))
         size, last_used, complete = 0, 0.0, not walked.missing_manifests
-        for path in [layout.manifest(m.digest) for m in walked.manifests] + [
-            layout.blob(d) for d in walked.blobs
+        for kind, digest in [("manifest", m.digest) for m in walked.manifests] + [
+            ("blob", d) for d in walked.blobs
         ]:
-            try:
-                st = path.stat()
-            except FileNotFoundError:
+            found = stat(layout, kind, digest)
+            if found is None:
                 complete = False
                 continue
-            size += st.st_size
-            last_used = max(last_used, st.st_mtime)
+            size += found[0]
+            last_used = max(last_used, found[1])
         seen[(image, entry.digest)] = ImageRow(
             image,
             entry.digest,
@@ -74,7 +105,7 @@ def list_images(
             complete,
             last_used,
             image in pins,
-            platforms(top, layout),
+            platforms(top, partial(small_blob, layout)),
         )
     return sorted(seen.values(), key=lambda r: (r.image, -r.last_used))
 
@@ -83,7 +114,9 @@ def list_images(
 MAX_CONFIG_BYTES = 1 << 20
 
 
-def platforms(top: StoredManifest, layout: Layout) -> tuple[str, ...]:
+def platforms(
+    top: StoredManifest, small_blob: Callable[[Digest, int], bytes | None]
+) -> tuple[str, ...]:
     """The platforms of an index's images (attestations, "unknown/unknown", left
     out), or of an image as its cached config names it."""
     listed = graph.children(top)
@@ -94,12 +127,12 @@ def platforms(top: StoredManifest, layout: Layout) -> tuple[str, ...]:
     # Schema 1 names no config: its first blob is a layer.
     if config is None or not config.media_type.endswith(("config.v1+json", "image.v1+json")):
         return ()
+    raw = small_blob(config.digest, MAX_CONFIG_BYTES)
+    if raw is None:
+        return ()
     try:
-        path = layout.blob(config.digest)
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            return ()
-        doc = json.loads(path.read_bytes())
-    except (OSError, ValueError):
+        doc = json.loads(raw)
+    except (ValueError, RecursionError):
         return ()
     if not isinstance(doc, dict):
         return ()

@@ -31,7 +31,9 @@ class Corrupt:
     kind: str  # "blob" or "manifest"
     digest: Digest
     detail: str  # what was found instead, for the operator
-    moved_to: Path | None  # None: it had gone (or been replaced) before we could move it
+    # Where it went (a path, or an s3:// URL); None: it had gone (or been
+    # replaced) before we could move it.
+    moved_to: Path | str | None
 
 
 def quarantine(layout: Layout, kind: str, digest: Digest, path: Path, inode: int) -> Path | None:

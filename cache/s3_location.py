@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pullthrough.cache.digests import Digest
@@ -59,3 +60,10 @@ class S3Location:
 
     def __str__(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}"
+
+
+def store_location(location: S3Location, root: Path, store: Path) -> S3Location:
+    """Where on S3 the store that would be the folder ``store`` of cache root
+    ``root`` lives: an upstream with credentials keeps its sub-prefix
+    (``upstreams/<name>/``), as on disk."""
+    return location.under(store.relative_to(root).as_posix().strip("."))

@@ -8,6 +8,7 @@ import logging
 import secrets
 import threading
 from collections.abc import AsyncIterator, Callable
+from typing import Protocol
 
 from aiohttp import web
 
@@ -15,6 +16,7 @@ from pullthrough.cache import stores
 from pullthrough.cache.digests import Digest
 from pullthrough.cache.layout import Layout
 from pullthrough.cache.manifests import ManifestStore
+from pullthrough.cache.s3_location import S3Location, store_location
 from pullthrough.cache.scrub import Scrubber
 from pullthrough.cache.stores import KnownUpstream
 from pullthrough.metrics import CacheUsage, HostedUsage, Metrics
@@ -41,6 +43,7 @@ log = logging.getLogger(__name__)
 async def _serve_mirrors(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     metrics = app[METRICS]
+    closing: list[_Measure] = []
     async with open_mirrors(settings, metrics) as resources:
         app[MIRRORS] = resources.mirrors
         # So that the command-line tools, run without this server's settings,
@@ -57,11 +60,15 @@ async def _serve_mirrors(app: web.Application) -> AsyncIterator[None]:
         except OSError as exc:  # the mirror works without it; only the tools miss it
             log.warning("cannot record the upstreams in %s: %s", stores.RECORD, exc)
         distinct = resources.images.distinct_layouts()
+        measured = _measured_stores(settings, distinct)
+        closing.extend(measured)
 
         def usage() -> CacheUsage:
-            counts = [layout.usage() for layout in distinct]
+            counts = [store.usage() for store in measured]
             return CacheUsage(*(sum(c[i] for c in counts) for i in range(3)))
 
+        # Measured when scraped, at most every 30 s (metrics/__init__.py); on S3
+        # that is one listing of each store's prefix, by the worker scraped.
         metrics.watch_cache(usage)
         app[status.IMAGES] = status.ImageList(resources.images, metrics.shared_dir)
         hosted = None
@@ -86,6 +93,8 @@ async def _serve_mirrors(app: web.Application) -> AsyncIterator[None]:
         try:
             yield
         finally:
+            for store in closing:
+                store.close()
             stop_scrub.set()
             if expirer is not None:
                 expirer.cancel()
@@ -97,6 +106,35 @@ async def _serve_mirrors(app: web.Application) -> AsyncIterator[None]:
                     await evictor
             if scrubber is not None:
                 await asyncio.to_thread(scrubber.join)
+
+
+class _Measure(Protocol):
+    def usage(self) -> tuple[int, int, int]: ...
+
+    def close(self) -> None: ...
+
+
+class _Folder:
+    def __init__(self, layout: Layout) -> None:
+        self._layout = layout
+
+    def usage(self) -> tuple[int, int, int]:
+        return self._layout.usage()
+
+    def close(self) -> None:
+        pass
+
+
+def _measured_stores(settings: Settings, distinct: list[Layout]) -> list[_Measure]:
+    """What the cache size metrics measure: the stores' folders, or with
+    ``storage = s3://...`` their prefixes on S3 (the folders then hold no content)."""
+    location = settings.s3_location()
+    if location is None:
+        return [_Folder(layout) for layout in distinct]
+    from pullthrough.cache.s3_admin import S3Admin  # the s3 extra
+
+    root = settings.cache_dir.resolve()
+    return [S3Admin(store_location(location, root, layout.root)) for layout in distinct]
 
 
 def _open_hosted(settings: Settings) -> Hosted:
@@ -142,10 +180,39 @@ def _scrub(
     """Start the background scrub (a thread: it reads and hashes, at a bounded rate)."""
     if settings.scrub_rate == 0:
         return None
+    location = settings.s3_location()
+    if location is not None:
+        return _scrub_s3(settings, location, distinct, metrics, stop)
     scrubber = Scrubber(
         distinct,
         # One lock for the whole cache: one scrubbing process per server.
         Layout(settings.cache_dir.resolve()).scrub_lock,
+        rate=settings.scrub_rate,
+        on_bytes=metrics.scrub_bytes.inc,
+        on_corrupt=lambda kind: metrics.corrupt_objects.labels(kind).inc(),
+        on_pass=metrics.scrub_passes.inc,
+    )
+    thread = threading.Thread(target=scrubber.run, args=(stop,), name="scrub", daemon=True)
+    thread.start()
+    return thread
+
+
+def _scrub_s3(
+    settings: Settings,
+    location: S3Location,
+    distinct: list[Layout],
+    metrics: Metrics,
+    stop: threading.Event,
+) -> threading.Thread:
+    """The stores' objects on S3, by one node of those sharing ``redis_url``."""
+    from pullthrough.cache.s3_admin import S3Admin  # the s3 extra
+    from pullthrough.cache.s3_scrub import S3Scrubber
+
+    root = settings.cache_dir.resolve()
+    scrubber = S3Scrubber(
+        [S3Admin(store_location(location, root, layout.root)) for layout in distinct],
+        redis_url=settings.redis_url,
+        lock_file=Layout(root).scrub_lock,
         rate=settings.scrub_rate,
         on_bytes=metrics.scrub_bytes.inc,
         on_corrupt=lambda kind: metrics.corrupt_objects.labels(kind).inc(),

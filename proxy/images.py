@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pullthrough.cache import stores
 from pullthrough.cache.archive import ExportImage
@@ -23,16 +24,21 @@ from pullthrough.cache.errors import InvalidDigest
 from pullthrough.cache.graph import closure
 from pullthrough.cache.index import TagEntry, TagIndex
 from pullthrough.cache.layout import Layout
+from pullthrough.cache.listing import ImageRow, Stat, list_images
 from pullthrough.cache.manifests import ManifestStore, StoredManifest
 from pullthrough.cache.mediatypes import DOCKER_LIST, OCI_INDEX
 from pullthrough.cache.redis_tags import RedisTags
+from pullthrough.cache.s3_location import store_location
 from pullthrough.cache.space import WriteFailures
-from pullthrough.cache.storage import TagStorage
+from pullthrough.cache.storage import ManifestStorage, TagStorage
 from pullthrough.cache.stores import KnownUpstream
 from pullthrough.proxy.config import Settings
 from pullthrough.proxy.errors import RegistryError
 from pullthrough.proxy.mirror import ANY_CLIENT
 from pullthrough.proxy.names import ImageRef
+
+if TYPE_CHECKING:
+    from pullthrough.cache.s3_admin import S3Admin
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +73,46 @@ class CachedImages:
     # Stores no configured upstream uses (found on disk by the command line):
     # counted, collected and evicted, never read for an upstream's name.
     more_layouts: list[Layout] = field(default_factory=list)
+    # With storage = s3://...: each store's objects on S3, by the root of the
+    # folder it stands for (the local folders then hold no content).
+    s3: dict[Path, S3Admin] | None = None
+
+    def rows(self) -> list[ImageRow]:
+        """Every cached image, for ``cache ls`` and the status page (blocking)."""
+        if self.s3 is None:
+            return list_images(self.tags, self.layouts, self.shared, self.pins())
+        return list_images(
+            self.tags,
+            self.layouts,
+            self.shared,
+            self.pins(),
+            manifests=self.manifest_store,
+            stat=self._s3_stat(),
+            small_blob=lambda layout, digest, limit: self._s3_of(layout).small_blob(digest, limit),
+        )
+
+    def _s3_of(self, layout: Layout) -> S3Admin:
+        assert self.s3 is not None
+        return self.s3[layout.root]
+
+    def _s3_stat(self) -> Stat:
+        """Sizes and write times from one listing of each S3 store (not a HEAD per
+        object); S3 keeps no access time, so "last used" is when it was written."""
+        listed: dict[Path, dict[tuple[str, Digest], tuple[int, float]]] = {}
+
+        def stat(layout: Layout, kind: str, digest: Digest) -> tuple[int, float] | None:
+            if layout.root not in listed:
+                listed[layout.root] = {
+                    (o.kind, o.digest): (o.size, o.modified) for o in self._s3_of(layout).every()
+                }
+            return listed[layout.root].get((kind, digest))
+
+        return stat
+
+    def manifest_store(self, layout: Layout) -> ManifestStorage:
+        if self.s3 is not None:
+            return self.s3[layout.root].manifests
+        return ManifestStore(layout)
 
     @property
     def shared(self) -> Layout:
@@ -113,7 +159,7 @@ class CachedImages:
             with contextlib.suppress(InvalidDigest):
                 digest = Digest.parse(raw)
                 for layout in dict.fromkeys(layouts):
-                    manifest = ManifestStore(layout).read(digest, touch=False)
+                    manifest = self.manifest_store(layout).read(digest, touch=False)
                     if manifest is not None:
                         found.append((manifest, layout))
                         break
@@ -144,7 +190,7 @@ class CachedImages:
             else:
                 digests = tagged.get((image.repository, str(image.reference.tag)), set())
             for top, layout in self._read(digests, everywhere):
-                walked = closure(top, partial(ManifestStore(layout).read, touch=False))
+                walked = closure(top, partial(self.manifest_store(layout).read, touch=False))
                 keep.update(m.digest for m in walked.manifests)
                 keep.update(walked.blobs)
                 keep.update(walked.missing_manifests)
@@ -197,7 +243,8 @@ def open_images(settings: Settings, *, create: bool = True) -> Iterator[CachedIm
     (commands that only read) raises NoCache rather than making one.
     """
     root = settings.cache_dir.resolve()
-    if not create and not has_cache(root):
+    location = settings.s3_location()
+    if not create and location is None and not has_cache(root):
         raise NoCache(f"no cache at {root}")
     known = stores.read_record(root)
     creds = {name: k.has_credentials for name, k in known.items()}
@@ -208,13 +255,29 @@ def open_images(settings: Settings, *, create: bool = True) -> Iterator[CachedIm
         for layout in by_upstream.values():
             layout.create()
     tags = open_tags(settings)
+    s3: dict[Path, S3Admin] | None = None
     try:
         rekey_tags(tags, known_upstreams(settings))
+        if location is not None:
+            from pullthrough.cache.s3_admin import S3Admin  # the s3 extra
+
+            s3 = {}
+            for layout in [Layout(root), *by_upstream.values()]:
+                if layout.root not in s3:
+                    s3[layout.root] = S3Admin(store_location(location, root, layout.root))
         yield CachedImages(
-            root, by_upstream, tags, settings.pinned, more_layouts=stores.private_stores(root)
+            root,
+            by_upstream,
+            tags,
+            settings.pinned,
+            # On S3 the stores are those the settings and the record name.
+            more_layouts=stores.private_stores(root) if location is None else [],
+            s3=s3,
         )
     finally:
         tags.close()
+        for admin in (s3 or {}).values():
+            admin.close()
 
 
 # -- archives -------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -18,9 +19,10 @@ from pullthrough.cache.coordination import FetchLocks, LocalLocks
 from pullthrough.cache.errors import StorageUnavailable
 from pullthrough.cache.layout import Layout
 from pullthrough.cache.manifests import ManifestStore
+from pullthrough.cache.redis_client import async_client
 from pullthrough.cache.redis_locks import RedisLocks
 from pullthrough.cache.redis_tags import RedisTags
-from pullthrough.cache.s3_location import S3Location
+from pullthrough.cache.s3_location import S3Location, store_location
 from pullthrough.cache.space import WriteFailures
 from pullthrough.cache.storage import BlobStorage, ManifestStorage
 from pullthrough.metrics import Metrics
@@ -45,6 +47,7 @@ from pullthrough.proxy.upstream import (
 
 if TYPE_CHECKING:
     from pullthrough.cache.s3 import S3BlobStore, S3ManifestStore
+    from pullthrough.cache.s3_admin import S3Admin
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +105,8 @@ async def _s3_stores(
     settings: Settings,
     locks: FetchLocks,
     on_corrupt: Callable[[], None],
+    *,
+    on_commit: Callable[[], None],
 ) -> tuple[S3BlobStore, S3ManifestStore]:
     """The blob and manifest stores of one S3 place; this node stages downloads
     under its cache's ``tmp/s3``. Uploads of downloads that died (on any node)
@@ -113,6 +118,7 @@ async def _s3_stores(
         locks=locks,
         staging=layout.tmp / "s3",
         redirect=settings.redirect,
+        on_commit=on_commit,  # the size limit is checked soon after
     )
     removed = blobs.remove_stale()
     try:
@@ -124,11 +130,35 @@ async def _s3_stores(
     return blobs, S3ManifestStore(location, on_corrupt=on_corrupt)
 
 
+def _recording_uses(blobs: S3BlobStore, place: S3Location, settings: Settings) -> BlobStorage:
+    """With ``redis_url``, blob hits are recorded where every node's eviction sees
+    them (cache/s3_evict.py); without, eviction goes by write time."""
+    if settings.redis_url is None:
+        return blobs
+    from pullthrough.cache.s3_evict import UsedBlobs, UseRecorder  # the s3 extra
+
+    return UsedBlobs(blobs, UseRecorder(async_client(settings.redis_url), place))
+
+
 async def _close_tags(tags: Tags) -> None:
     if isinstance(tags, RedisTags):
         await tags.aclose()  # its asyncio client too
     else:
         tags.close()
+
+
+def _s3_admins(
+    location: S3Location | None, root: Path, by_upstream: dict[str, Layout]
+) -> dict[Path, S3Admin] | None:
+    if location is None:
+        return None
+    from pullthrough.cache.s3_admin import S3Admin  # the s3 extra
+
+    admins: dict[Path, S3Admin] = {}
+    for layout in [Layout(root), *by_upstream.values()]:
+        if layout.root not in admins:
+            admins[layout.root] = S3Admin(store_location(location, root, layout.root))
+    return admins
 
 
 @dataclass
@@ -159,11 +189,16 @@ async def open_mirrors(settings: Settings, metrics: Metrics) -> AsyncIterator[Re
         raise
     if moved:
         log.info("moved %d tag entries from upstream URLs to upstream names", moved)
-    images = CachedImages(root, by_upstream, tags, settings.pinned)
+    location = settings.s3_location()
+    closing: list[Callable[[], None]] = []
+    # What the status page lists: on S3, the stores' objects there.
+    images = CachedImages(
+        root, by_upstream, tags, settings.pinned, s3=_s3_admins(location, root, by_upstream)
+    )
+    for admin in (images.s3 or {}).values():
+        closing.append(admin.close)
     housekeeper = Housekeeper(settings, images, metrics)
     opened: dict[Layout, tuple[BlobStorage, ManifestStorage]] = {}
-    closing: list[Callable[[], None]] = []
-    location = settings.s3_location()
     # One upstream fetch per blob on S3: across every node sharing redis_url.
     locks = fetch_locks(settings) if location is not None else None
     for layout in distinct:
@@ -172,9 +207,11 @@ async def open_mirrors(settings: Settings, metrics: Metrics) -> AsyncIterator[Re
             # A private upstream's store (upstreams/<name>) keeps that sub-prefix.
             place = location.under(layout.root.relative_to(root).as_posix().strip("."))
             assert locks is not None
-            blobs_s3, manifests_s3 = await _s3_stores(place, layout, settings, locks, corrupt)
+            blobs_s3, manifests_s3 = await _s3_stores(
+                place, layout, settings, locks, corrupt, on_commit=housekeeper.poke
+            )
             closing.append(manifests_s3.close)
-            opened[layout] = (blobs_s3, manifests_s3)
+            opened[layout] = (_recording_uses(blobs_s3, place, settings), manifests_s3)
             continue
         failures = WriteFailures(count_failure)
         fs_blobs = BlobStore(

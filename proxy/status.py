@@ -5,7 +5,7 @@ cache ls` read it: one document, whichever worker answers.
   ``metrics.summary.summarize``, which `pullthrough stats` uses as well.
 - The last hour: ``metrics.history``, a file every worker samples into.
 - Downloads running and recent errors: ``metrics.activity``, merged over workers.
-- Cached images: ``cache.listing.list_images`` (what `cache ls` prints), listed
+- Cached images: ``CachedImages.rows`` (what `cache ls` prints), listed
   off the event loop at most every ``IMAGES_MAX_AGE`` seconds per worker and cut
   to ``MAX_IMAGES`` rows, as it walks every image on disk.
 """
@@ -24,7 +24,7 @@ from typing import cast
 
 from aiohttp import web
 
-from pullthrough.cache.listing import ImageRow, list_images
+from pullthrough.cache.listing import ImageRow
 from pullthrough.metrics import Metrics
 from pullthrough.metrics.activity import ErrorLog, LoggedError
 from pullthrough.metrics.history import SAMPLE_SECONDS, Point
@@ -67,8 +67,7 @@ class ImageList:
         self._lock = asyncio.Lock()
 
     def _list(self) -> list[ImageRow]:
-        images = self._images
-        return list_images(images.tags, images.layouts, images.shared, images.pins())
+        return self._images.rows()
 
     async def rows(self) -> tuple[float, list[ImageRow]]:
         """(when listed, rows)."""

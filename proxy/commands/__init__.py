@@ -4,6 +4,7 @@ any of them under one error policy: 0 done, 1 failed with one line on stderr."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sqlite3
 from collections.abc import Callable
 
@@ -17,6 +18,13 @@ from pullthrough.proxy.errors import RegistryError
 from pullthrough.proxy.images import NoCache, TransferError
 
 Command = Callable[[argparse.Namespace, Settings, Console], int]
+
+# S3 failing under a command (storage = s3://...), when the s3 extra is installed.
+S3_ERRORS: tuple[type[Exception], ...] = ()
+with contextlib.suppress(ImportError):
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    S3_ERRORS = (BotoCoreError, ClientError)
 
 
 class CommandError(Exception):
@@ -40,6 +48,8 @@ def run(command: Command, args: argparse.Namespace, settings: Settings) -> int:
         return fail(f"{exc.code}: {exc.message} ({exc.detail})")
     except (CommandError, TransferError, CacheError) as exc:
         return fail(exc)
+    except S3_ERRORS as exc:
+        return fail(f"storage {settings.storage}: {exc}")
     except RedisError as exc:
         # The shared tag index (redis_url) is unreachable or refused.
         return fail(f"redis_url {redis_display(settings.redis_url or '')}: {exc}")

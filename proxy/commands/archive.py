@@ -11,7 +11,13 @@ from pullthrough.cache.archive import export_archive, import_archive, read_ref_n
 from pullthrough.proxy.commands import CommandError, image_args, platform_args
 from pullthrough.proxy.config import Settings
 from pullthrough.proxy.console import byte_progress, human
-from pullthrough.proxy.images import import_store, open_images, plan_export, tag_import
+from pullthrough.proxy.images import (
+    CachedImages,
+    import_store,
+    open_images,
+    plan_export,
+    tag_import,
+)
 
 
 def export(args: argparse.Namespace, settings: Settings, console: Console) -> int:
@@ -19,9 +25,18 @@ def export(args: argparse.Namespace, settings: Settings, console: Console) -> in
         items, layout = plan_export(images, image_args(args), platform_args(args))
         with byte_progress(console) as progress:
             task = progress.add_task("export")
-            summary = export_archive(
-                args.output, items, layout, progress=lambda n: progress.advance(task, n)
-            )
+
+            def advance(n: int) -> None:
+                progress.advance(task, n)
+
+            if images.s3 is not None:
+                from pullthrough.cache.s3_archive import export_from_s3  # the s3 extra
+
+                summary = export_from_s3(
+                    args.output, items, images.s3[layout.root], _scratch(images), progress=advance
+                )
+            else:
+                summary = export_archive(args.output, items, layout, progress=advance)
     console.print(
         f"wrote {args.output}: {summary.images} image(s), {summary.manifests} manifest(s), "
         f"{summary.blobs} blob(s), {human(summary.bytes)}"
@@ -38,14 +53,32 @@ def load(args: argparse.Namespace, settings: Settings, console: Console) -> int:
         size = archive.stat().st_size
         with byte_progress(console) as progress:
             task = progress.add_task("import", total=size)
-            summary = import_archive(archive, layout, progress=lambda n: progress.advance(task, n))
+
+            def advance(n: int) -> None:
+                progress.advance(task, n)
+
+            if images.s3 is not None:
+                from pullthrough.cache.s3_archive import import_to_s3  # the s3 extra
+
+                store = images.s3[layout.root]
+                where = str(store.location)
+                summary = import_to_s3(archive, store, _scratch(images), progress=advance)
+            else:
+                where = str(layout.root)
+                summary = import_archive(archive, layout, progress=advance)
         for image in summary.images:
             tagged = tag_import(images, image.ref_name, image.digest, image.media_type)
             console.print(f"  {image.digest}  {tagged}")
     console.print(
-        f"imported {len(summary.images)} image(s) from {archive} into {layout.root}: "
+        f"imported {len(summary.images)} image(s) from {archive} into {where}: "
         f"{summary.manifests_added} manifest(s), {summary.blobs_added} blob(s) added "
         f"({human(summary.bytes_added)}), {summary.blobs_present} already cached; "
         "every digest verified"
     )
     return 0
+
+
+def _scratch(images: CachedImages) -> Path:
+    """Where an export or import on S3 copies content through: this machine's
+    cache folder, as a node stages its downloads there."""
+    return images.root / "tmp"

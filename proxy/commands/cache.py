@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from pullthrough.cache.listing import disk_usage, list_images
+from pullthrough.cache.listing import Usage, disk_usage
 from pullthrough.cache.quarantine import Corrupt
-from pullthrough.cache.scrub import total_bytes, verify_all
+from pullthrough.cache.scrub import VerifyReport, total_bytes, verify_all
 from pullthrough.proxy.config import Settings
 from pullthrough.proxy.console import byte_progress, human, image_table
 from pullthrough.proxy.images import CachedImages, open_images, set_pins
+
+if TYPE_CHECKING:
+    from pullthrough.cache.s3_admin import S3Admin
 
 
 def run(args: argparse.Namespace, settings: Settings, console: Console) -> int:
@@ -22,8 +27,7 @@ def run(args: argparse.Namespace, settings: Settings, console: Console) -> int:
 
 def _ls(args: argparse.Namespace, settings: Settings, console: Console) -> int:
     with open_images(settings, create=False) as images:
-        rows = list_images(images.tags, images.layouts, images.shared, images.pins())
-        image_table(rows, console)
+        image_table(images.rows(), console)
         _warn_unattributed(images)
     return 0
 
@@ -39,9 +43,28 @@ def _warn_unattributed(images: CachedImages) -> None:
         )
 
 
+def _s3_usage(stores: Iterable[S3Admin]) -> Usage:
+    usage = Usage()
+    for store in stores:
+        for obj in store.every():
+            if obj.kind == "blob":
+                usage.blobs += 1
+                usage.blob_bytes += obj.size
+            else:
+                usage.manifests += 1
+                usage.manifest_bytes += obj.size
+        count, size = store.quarantined()
+        usage.quarantined += count
+        usage.quarantined_bytes += size
+    return usage
+
+
 def _du(args: argparse.Namespace, settings: Settings, console: Console) -> int:
     with open_images(settings, create=False) as images:
-        usage = disk_usage(images.distinct_layouts())
+        if images.s3 is None:
+            usage = disk_usage(images.distinct_layouts())
+        else:
+            usage = _s3_usage(images.s3.values())
     total = usage.blob_bytes + usage.manifest_bytes
     limit = settings.max_size
     console.print(
@@ -70,7 +93,13 @@ def _pin(args: argparse.Namespace, settings: Settings, console: Console) -> int:
 def _verify(args: argparse.Namespace, settings: Settings, console: Console) -> int:
     with open_images(settings, create=False) as images:
         layouts = images.distinct_layouts()
-        total = total_bytes(layouts)
+        if images.s3 is not None:
+            from pullthrough.cache import s3_admin  # the s3 extra
+
+            s3 = list(images.s3.values())
+            total = s3_admin.total_bytes(s3)
+        else:
+            total = total_bytes(layouts)
         with byte_progress(console) as progress:
             task = progress.add_task("verify", total=total)
 
@@ -80,7 +109,14 @@ def _verify(args: argparse.Namespace, settings: Settings, console: Console) -> i
                     f"[red]corrupt {corrupt.kind} {corrupt.digest}: {corrupt.detail}; {where}"
                 )
 
-            report = verify_all(layouts, progress=lambda n: progress.advance(task, n), found=found)
+            def advance(n: int) -> None:
+                progress.advance(task, n)
+
+            report: VerifyReport
+            if images.s3 is not None:
+                report = s3_admin.verify_all(s3, progress=advance, found=found)
+            else:
+                report = verify_all(layouts, progress=advance, found=found)
     summary = (
         f"verified {report.blobs} blob(s) and {report.manifests} manifest(s), "
         f"{human(report.bytes)} in {report.seconds:.1f}s: "

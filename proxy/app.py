@@ -67,8 +67,8 @@ async def _serve_mirrors(app: web.Application) -> AsyncIterator[None]:
             counts = [store.usage() for store in measured]
             return CacheUsage(*(sum(c[i] for c in counts) for i in range(3)))
 
-        # Measured when scraped, at most every 30 s (metrics/__init__.py); on S3
-        # that is one listing of each store's prefix, by the worker scraped.
+        # Measured when scraped, at most every 30 s and by one worker for all
+        # (metrics/__init__.py); on S3 that is one listing of each store's prefix.
         metrics.watch_cache(usage)
         app[status.IMAGES] = status.ImageList(resources.images, metrics.shared_dir)
         hosted = None

@@ -112,19 +112,35 @@ def _taken(exc: ClientError) -> bool:
     return exc.response.get("Error", {}).get("Code", "") in _TAKEN
 
 
+# How both clients (the async one for blobs, botocore's blocking one for manifests
+# and the command line) talk to S3.
+_CLIENT_OPTIONS: dict[str, Any] = {
+    # SigV4 also for presigned URLs (botocore would presign with SigV2 here).
+    "signature_version": "s3v4",
+    "s3": {"addressing_style": "path"},
+    # Checksums only where S3 demands them: not every S3-compatible server
+    # takes the trailing ones newer botocore sends by default.
+    "request_checksum_calculation": "when_required",
+    "response_checksum_validation": "when_required",
+    "retries": {"max_attempts": 3, "mode": "standard"},
+    "connect_timeout": 10,
+    "read_timeout": 60,
+}
+
+
 def _aio_config() -> AioConfig:
-    return AioConfig(
-        # SigV4 also for presigned URLs (botocore would presign with SigV2 here).
-        signature_version="s3v4",
-        s3={"addressing_style": "path"},
-        # Checksums only where S3 demands them: not every S3-compatible server
-        # takes the trailing ones newer botocore sends by default.
-        request_checksum_calculation="when_required",
-        response_checksum_validation="when_required",
-        retries={"max_attempts": 3, "mode": "standard"},
-        connect_timeout=10,
-        read_timeout=60,
-        max_pool_connections=64,
+    return AioConfig(**_CLIENT_OPTIONS, max_pool_connections=64)
+
+
+def blocking_client(location: S3Location) -> Any:
+    """botocore's blocking S3 client, configured as the async one."""
+    return botocore.session.get_session().create_client(
+        "s3",
+        endpoint_url=location.endpoint_url,
+        region_name=location.region,
+        aws_access_key_id=location.access_key,
+        aws_secret_access_key=location.secret_key,
+        config=botocore.config.Config(**_CLIENT_OPTIONS),
     )
 
 
@@ -753,23 +769,7 @@ class S3ManifestStore:
         self._memory: LRUCache[Digest, StoredManifest] = LRUCache(
             maxsize=memory_bytes, getsizeof=lambda m: len(m.data) + 256
         )
-        config = botocore.config.Config(
-            signature_version="s3v4",
-            s3={"addressing_style": "path"},
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-            retries={"max_attempts": 3, "mode": "standard"},
-            connect_timeout=10,
-            read_timeout=60,
-        )
-        self._client: Any = botocore.session.get_session().create_client(
-            "s3",
-            endpoint_url=location.endpoint_url,
-            region_name=location.region,
-            aws_access_key_id=location.access_key,
-            aws_secret_access_key=location.secret_key,
-            config=config,
-        )
+        self._client: Any = blocking_client(location)
 
     def read(self, digest: Digest, *, touch: bool = True) -> StoredManifest | None:
         found = self.check(digest, touch=touch)

@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import botocore.config
-import botocore.session
 from botocore.exceptions import ClientError
 
 from pullthrough.cache import graph
@@ -31,7 +29,7 @@ from pullthrough.cache.errors import InvalidDigest
 from pullthrough.cache.manifests import StoredManifest
 from pullthrough.cache.mediatypes import MANIFESTS
 from pullthrough.cache.quarantine import Corrupt
-from pullthrough.cache.s3 import STALE_UPLOAD_SECONDS, S3ManifestStore
+from pullthrough.cache.s3 import STALE_UPLOAD_SECONDS, S3ManifestStore, blocking_client
 from pullthrough.cache.s3_location import S3Location
 from pullthrough.cache.scrub import VerifyReport
 
@@ -56,27 +54,6 @@ def report(found: Corrupt) -> None:
     )
 
 
-def client_for(location: S3Location) -> Any:
-    """botocore's blocking S3 client, configured as the mirror's async one."""
-    config = botocore.config.Config(
-        signature_version="s3v4",
-        s3={"addressing_style": "path"},
-        request_checksum_calculation="when_required",
-        response_checksum_validation="when_required",
-        retries={"max_attempts": 3, "mode": "standard"},
-        connect_timeout=10,
-        read_timeout=60,
-    )
-    return botocore.session.get_session().create_client(
-        "s3",
-        endpoint_url=location.endpoint_url,
-        region_name=location.region,
-        aws_access_key_id=location.access_key,
-        aws_secret_access_key=location.secret_key,
-        config=config,
-    )
-
-
 @dataclass(frozen=True, slots=True)
 class S3Object:
     kind: str  # "blob" or "manifest"
@@ -92,7 +69,7 @@ class S3Admin:
 
     def __init__(self, location: S3Location) -> None:
         self.location = location
-        self._client = client_for(location)
+        self._client = blocking_client(location)
         self.manifests = S3ManifestStore(location)
 
     def _keys(self, sub: str) -> Iterator[dict[str, Any]]:

@@ -8,25 +8,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import socket
 import subprocess
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
 from tests.integration.test_clients import PLATFORM, podman_sandbox, require_root, run
-from tests.integration.test_fleet_nginx import local_nginx_conf
+from tests.integration.test_fleet_nginx import nginx_in_front
 from tests.support.binaries import require_binary
 from tests.support.faults import FaultRegistry, digest_of
 from tests.support.images import make_image
 from tests.support.mirror import MirrorProcess
-from tests.support.processes import free_port
 from tests.support.redis import RedisServer
 from tests.support.registry import RegistryFactory
 from tests.support.seaweed import SeaweedS3
@@ -51,15 +48,7 @@ def short_dir() -> Iterator[Path]:
 
 
 def fleet_env(seaweed: SeaweedS3, redis_url: str, prefix: str, **extra: str) -> dict[str, str]:
-    return {
-        "PULLTHROUGH_STORAGE": f"s3://{seaweed.bucket}/{prefix}",
-        "PULLTHROUGH_S3_ENDPOINT_URL": seaweed.direct_endpoint,
-        "PULLTHROUGH_REDIS_URL": redis_url,
-        "AWS_ACCESS_KEY_ID": seaweed.access_key,
-        "AWS_SECRET_ACCESS_KEY": seaweed.secret_key,
-        "AWS_DEFAULT_REGION": seaweed.region,
-        **extra,
-    }
+    return {**seaweed.mirror_env(prefix, redis_url), **extra}
 
 
 @contextlib.contextmanager
@@ -82,15 +71,7 @@ def fleet(
 
 def final_keys(seaweed: SeaweedS3, prefix: str) -> list[str]:
     """The committed blobs under ``prefix`` in the bucket (not staging uploads)."""
-    import botocore.session  # the s3 extra
-
-    client: Any = botocore.session.get_session().create_client(
-        "s3",
-        endpoint_url=seaweed.direct_endpoint,
-        region_name=seaweed.region,
-        aws_access_key_id=seaweed.access_key,
-        aws_secret_access_key=seaweed.secret_key,
-    )
+    client = seaweed.client()
     try:
         listed = client.list_objects_v2(Bucket=seaweed.bucket, Prefix=f"{prefix}/blobs/")
         return [item["Key"] for item in listed.get("Contents", [])]
@@ -184,30 +165,6 @@ async def test_the_fetching_node_killed_mid_download_is_taken_over(
         for node in nodes:
             await asyncio.to_thread(node.stop)
         await server.close()
-
-
-@contextlib.contextmanager
-def nginx_in_front(work: Path, nodes: list[MirrorProcess]) -> Iterator[int]:
-    """deploy/fleet/nginx.conf balancing over ``nodes``; yields its port."""
-    nginx = require_binary("nginx")
-    port = free_port()
-    (work / "tmp").mkdir(parents=True)
-    (work / "nginx.conf").write_text(local_nginx_conf(work, port, [n.port for n in nodes]))
-    front = subprocess.Popen(
-        [nginx, "-c", str(work / "nginx.conf"), "-e", str(work / "error.log")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        for _ in range(200):
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            time.sleep(0.05)
-        yield port
-    finally:
-        front.terminate()
-        front.wait(10)
 
 
 def test_skopeo_and_podman_pull_through_nginx_in_front_of_the_fleet(

@@ -51,16 +51,11 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
         yield server.url
 
 
-def test_pulls_through_nginx_keep_working_when_nodes_are_killed(
-    redis_url: str, make_registry: RegistryFactory, skopeo_cli: Skopeo, tmp_path: Path
-) -> None:
+@contextlib.contextmanager
+def nginx_in_front(work: Path, nodes: list[MirrorProcess]) -> Iterator[int]:
+    """deploy/fleet/nginx.conf balancing over ``nodes``; yields its port."""
     nginx = require_binary("nginx")
-    first, second = (make_image("team/lb", tag, seed=f"lb-{tag}") for tag in ("1", "2"))
-    origin = make_registry(seed=[first, second])
-    env = {"PULLTHROUGH_REDIS_URL": redis_url}
-    nodes = [MirrorProcess(tmp_path / f"node{i}", origin.url, env=env) for i in (1, 2, 3)]
     port = free_port()
-    work = tmp_path / "nginx"
     (work / "tmp").mkdir(parents=True)
     (work / "nginx.conf").write_text(local_nginx_conf(work, port, [n.port for n in nodes]))
     front = subprocess.Popen(
@@ -69,26 +64,39 @@ def test_pulls_through_nginx_keep_working_when_nodes_are_killed(
         stderr=subprocess.DEVNULL,
     )
     try:
-        for node in nodes:
-            node.start()
-        for _ in range(100):
+        for _ in range(200):
             with contextlib.suppress(OSError):
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 break
             time.sleep(0.05)
-        lb = f"docker://127.0.0.1:{port}"
-        for n in range(3):  # least_conn over idle nodes: each may answer some
-            skopeo_cli.copy(f"{lb}/{first.ref}", f"dir:{tmp_path / f'first{n}'}")
-            assert (tmp_path / f"first{n}" / "manifest.json").read_bytes() == first.top.data
-        mark = origin.mark()
-        nodes[0].kill()
-        nodes[1].kill()
-        skopeo_cli.copy(f"{lb}/{first.ref}", f"dir:{tmp_path / 'again'}")
-        skopeo_cli.copy(f"{lb}/{second.ref}", f"dir:{tmp_path / 'second'}")
-        seen = origin.requests_since(mark)
+        yield port
     finally:
         front.terminate()
         front.wait(10)
+
+
+def test_pulls_through_nginx_keep_working_when_nodes_are_killed(
+    redis_url: str, make_registry: RegistryFactory, skopeo_cli: Skopeo, tmp_path: Path
+) -> None:
+    first, second = (make_image("team/lb", tag, seed=f"lb-{tag}") for tag in ("1", "2"))
+    origin = make_registry(seed=[first, second])
+    env = {"PULLTHROUGH_REDIS_URL": redis_url}
+    nodes = [MirrorProcess(tmp_path / f"node{i}", origin.url, env=env) for i in (1, 2, 3)]
+    try:
+        for node in nodes:
+            node.start()
+        with nginx_in_front(tmp_path / "nginx", nodes) as port:
+            lb = f"docker://127.0.0.1:{port}"
+            for n in range(3):  # least_conn over idle nodes: each may answer some
+                skopeo_cli.copy(f"{lb}/{first.ref}", f"dir:{tmp_path / f'first{n}'}")
+                assert (tmp_path / f"first{n}" / "manifest.json").read_bytes() == first.top.data
+            mark = origin.mark()
+            nodes[0].kill()
+            nodes[1].kill()
+            skopeo_cli.copy(f"{lb}/{first.ref}", f"dir:{tmp_path / 'again'}")
+            skopeo_cli.copy(f"{lb}/{second.ref}", f"dir:{tmp_path / 'second'}")
+            seen = origin.requests_since(mark)
+    finally:
         for node in nodes:
             node.stop()
     assert (tmp_path / "again" / "manifest.json").read_bytes() == first.top.data

@@ -34,6 +34,7 @@ from tests.support.skopeo import Skopeo, dir_blob_digests
 pytest.importorskip("aiobotocore", reason="the s3 extra is not installed")
 
 from pullthrough.cache import s3_admin
+from pullthrough.cache.s3 import blocking_client
 
 
 @pytest.fixture
@@ -43,14 +44,7 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
 
 
 def node_env(seaweed: SeaweedS3, redis_url: str, prefix: str) -> dict[str, str]:
-    return {
-        "PULLTHROUGH_STORAGE": f"s3://{seaweed.bucket}/{prefix}",
-        "PULLTHROUGH_S3_ENDPOINT_URL": seaweed.direct_endpoint,
-        "PULLTHROUGH_REDIS_URL": redis_url,
-        "AWS_ACCESS_KEY_ID": seaweed.access_key,
-        "AWS_SECRET_ACCESS_KEY": seaweed.secret_key,
-        "AWS_DEFAULT_REGION": seaweed.region,
-    }
+    return seaweed.mirror_env(prefix, redis_url)
 
 
 def location(seaweed: SeaweedS3, prefix: str) -> S3Location:
@@ -81,7 +75,7 @@ def keys(client: Any, bucket: str, prefix: str) -> set[str]:
 
 @pytest.fixture
 def s3(seaweed: SeaweedS3) -> Iterator[Any]:
-    client = s3_admin.client_for(location(seaweed, "unused"))
+    client = blocking_client(location(seaweed, "unused"))
     try:
         yield client
     finally:

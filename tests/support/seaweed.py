@@ -268,17 +268,35 @@ class SeaweedS3(Service):
 
         wait_ready(self._proc, probe, what="weed mini", timeout=timeout, log=self.log_tail)
 
-    def _create_bucket(self) -> None:
-        # -bucket names the bucket but, seen with 4.48, does not create it.
+    def client(self) -> Any:
+        """A blocking botocore S3 client on :attr:`direct_endpoint`; close it."""
         import botocore.session  # the s3 extra; only S3 tests start this server
 
-        client: Any = botocore.session.get_session().create_client(
+        return botocore.session.get_session().create_client(
             "s3",
             endpoint_url=self.direct_endpoint,
             region_name=self.region,
             aws_access_key_id=self.access_key,
             aws_secret_access_key=self.secret_key,
         )
+
+    def mirror_env(self, prefix: str, redis_url: str | None = None) -> dict[str, str]:
+        """What a pullthrough process needs to keep its content under ``prefix``
+        here (credentials the way an operator gives them), and share ``redis_url``."""
+        env = {
+            "PULLTHROUGH_STORAGE": f"s3://{self.bucket}/{prefix}",
+            "PULLTHROUGH_S3_ENDPOINT_URL": self.direct_endpoint,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_DEFAULT_REGION": self.region,
+        }
+        if redis_url is not None:
+            env["PULLTHROUGH_REDIS_URL"] = redis_url
+        return env
+
+    def _create_bucket(self) -> None:
+        # -bucket names the bucket but, seen with 4.48, does not create it.
+        client = self.client()
         try:
             names = [b["Name"] for b in client.list_buckets().get("Buckets", [])]
             if self.bucket not in names:

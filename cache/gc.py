@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +15,7 @@ from pullthrough.cache.blobs import STALE_TMP_SECONDS, BlobStore
 from pullthrough.cache.digests import Digest
 from pullthrough.cache.evict import entries
 from pullthrough.cache.layout import Layout
-from pullthrough.cache.manifests import ManifestStore
+from pullthrough.cache.manifests import ManifestStore, StoredManifest
 from pullthrough.cache.mediatypes import MANIFESTS
 
 
@@ -45,22 +45,11 @@ def collect(
     result = Garbage()
     for layout in layouts:
         store = ManifestStore(layout)
-        referenced: set[Digest] = set()
         found = list(entries([layout]))
-        unreadable = []
-        for entry in found:
-            if entry.kind == "manifest":
-                manifest = store.read(entry.digest, touch=False)
-                if manifest is None:
-                    continue  # removed meanwhile
-                if manifest.media_type not in MANIFESTS or not _is_json(manifest.data):
-                    unreadable.append(str(entry.digest))
-                referenced.update(d.digest for d in graph.blobs(manifest))
+        manifests = (store.read(e.digest, touch=False) for e in found if e.kind == "manifest")
+        referenced, unreadable = references(manifests)
         if unreadable:
-            result.skipped.append(
-                f"{layout.root}: manifest(s) {', '.join(unreadable[:3])} of a type gc "
-                "cannot read; its blobs were left alone"
-            )
+            result.skipped.append(left_alone(str(layout.root), unreadable))
         else:
             cutoff = time.time() - STALE_TMP_SECONDS
             for entry in found:
@@ -80,6 +69,28 @@ def collect(
         else:
             result.temp += sum(1 for _ in layout.tmp.iterdir()) if layout.tmp.is_dir() else 0
     return result
+
+
+def references(manifests: Iterable[StoredManifest | None]) -> tuple[set[Digest], list[str]]:
+    """The blobs ``manifests`` name (None: removed meanwhile), and the digests of
+    those of a type gc cannot read: their store's blobs must all stay."""
+    referenced: set[Digest] = set()
+    unreadable = []
+    for manifest in manifests:
+        if manifest is None:
+            continue
+        if manifest.media_type not in MANIFESTS or not _is_json(manifest.data):
+            unreadable.append(str(manifest.digest))
+        referenced.update(d.digest for d in graph.blobs(manifest))
+    return referenced, unreadable
+
+
+def left_alone(store: str, unreadable: list[str]) -> str:
+    """Why a store's unreferenced blobs were kept."""
+    return (
+        f"{store}: manifest(s) {', '.join(unreadable[:3])} of a type gc "
+        "cannot read; its blobs were left alone"
+    )
 
 
 def _is_json(data: bytes) -> bool:

@@ -12,7 +12,6 @@ it again from the upstream when asked for.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -22,12 +21,11 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from pullthrough.cache import graph
 from pullthrough.cache.blobs import STALE_TMP_SECONDS
 from pullthrough.cache.digests import Digest
 from pullthrough.cache.errors import InvalidDigest
+from pullthrough.cache.gc import left_alone, references
 from pullthrough.cache.manifests import StoredManifest
-from pullthrough.cache.mediatypes import MANIFESTS
 from pullthrough.cache.quarantine import Corrupt
 from pullthrough.cache.s3 import STALE_UPLOAD_SECONDS, S3ManifestStore, blocking_client
 from pullthrough.cache.s3_location import S3Location
@@ -334,20 +332,10 @@ def collect(
     gc cannot read keeps all its blobs."""
     result = S3Garbage()
     for store in stores:
-        referenced: set[Digest] = set()
-        unreadable = []
-        for obj in store.objects("manifest"):
-            manifest = store.read(obj.digest)
-            if manifest is None:
-                continue  # removed (or found corrupt and set aside) meanwhile
-            if manifest.media_type not in MANIFESTS or not _is_json(manifest.data):
-                unreadable.append(str(obj.digest))
-            referenced.update(d.digest for d in graph.blobs(manifest))
+        manifests = (store.read(obj.digest) for obj in store.objects("manifest"))
+        referenced, unreadable = references(manifests)
         if unreadable:
-            result.skipped.append(
-                f"{store.location}: manifest(s) {', '.join(unreadable[:3])} of a type gc "
-                "cannot read; its blobs were left alone"
-            )
+            result.skipped.append(left_alone(str(store.location), unreadable))
         else:
             cutoff = time.time() - grace
             for obj in store.objects("blob"):
@@ -365,11 +353,3 @@ def collect(
             for upload in dead:
                 store.abort(upload)
     return result
-
-
-def _is_json(data: bytes) -> bool:
-    try:
-        json.loads(data)
-    except ValueError:
-        return False
-    return True

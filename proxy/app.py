@@ -16,7 +16,7 @@ from pullthrough.cache import stores
 from pullthrough.cache.digests import Digest
 from pullthrough.cache.layout import Layout
 from pullthrough.cache.manifests import ManifestStore
-from pullthrough.cache.s3_location import S3Location, store_location
+from pullthrough.cache.s3_location import store_location
 from pullthrough.cache.scrub import Scrubber
 from pullthrough.cache.stores import KnownUpstream
 from pullthrough.metrics import CacheUsage, HostedUsage, Metrics
@@ -26,6 +26,7 @@ from pullthrough.proxy.config import Settings
 from pullthrough.proxy.errors import oci_errors
 from pullthrough.proxy.forwarded import TRUSTED, forwarded_for, networks
 from pullthrough.proxy.hosted import Hosted
+from pullthrough.proxy.images import CachedImages
 from pullthrough.proxy.keys import METRICS, MIRRORS, SETTINGS
 from pullthrough.proxy.push_routes import HOSTED_KEY
 from pullthrough.proxy.referrers import REFERRERS, Referrers
@@ -43,7 +44,6 @@ log = logging.getLogger(__name__)
 async def _serve_mirrors(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     metrics = app[METRICS]
-    closing: list[_Measure] = []
     async with open_mirrors(settings, metrics) as resources:
         app[MIRRORS] = resources.mirrors
         # So that the command-line tools, run without this server's settings,
@@ -60,8 +60,7 @@ async def _serve_mirrors(app: web.Application) -> AsyncIterator[None]:
         except OSError as exc:  # the mirror works without it; only the tools miss it
             log.warning("cannot record the upstreams in %s: %s", stores.RECORD, exc)
         distinct = resources.images.distinct_layouts()
-        measured = _measured_stores(settings, distinct)
-        closing.extend(measured)
+        measured = _measured_stores(resources.images, distinct)
 
         def usage() -> CacheUsage:
             counts = [store.usage() for store in measured]
@@ -93,8 +92,6 @@ async def _serve_mirrors(app: web.Application) -> AsyncIterator[None]:
         try:
             yield
         finally:
-            for store in closing:
-                store.close()
             stop_scrub.set()
             if expirer is not None:
                 expirer.cancel()
@@ -111,30 +108,14 @@ async def _serve_mirrors(app: web.Application) -> AsyncIterator[None]:
 class _Measure(Protocol):
     def usage(self) -> tuple[int, int, int]: ...
 
-    def close(self) -> None: ...
 
-
-class _Folder:
-    def __init__(self, layout: Layout) -> None:
-        self._layout = layout
-
-    def usage(self) -> tuple[int, int, int]:
-        return self._layout.usage()
-
-    def close(self) -> None:
-        pass
-
-
-def _measured_stores(settings: Settings, distinct: list[Layout]) -> list[_Measure]:
+def _measured_stores(images: CachedImages, distinct: list[Layout]) -> list[_Measure]:
     """What the cache size metrics measure: the stores' folders, or with
-    ``storage = s3://...`` their prefixes on S3 (the folders then hold no content)."""
-    location = settings.s3_location()
-    if location is None:
-        return [_Folder(layout) for layout in distinct]
-    from pullthrough.cache.s3_admin import S3Admin  # the s3 extra
-
-    root = settings.cache_dir.resolve()
-    return [S3Admin(store_location(location, root, layout.root)) for layout in distinct]
+    ``storage = s3://...`` their prefixes on S3 (the folders then hold no content;
+    the S3 stores are those the status page lists, closed with the mirrors)."""
+    if images.s3 is None:
+        return list(distinct)
+    return [images.s3[layout.root] for layout in distinct]
 
 
 def _open_hosted(settings: Settings) -> Hosted:
@@ -180,44 +161,38 @@ def _scrub(
     """Start the background scrub (a thread: it reads and hashes, at a bounded rate)."""
     if settings.scrub_rate == 0:
         return None
-    location = settings.s3_location()
-    if location is not None:
-        return _scrub_s3(settings, location, distinct, metrics, stop)
-    scrubber = Scrubber(
-        distinct,
-        # One lock for the whole cache: one scrubbing process per server.
-        Layout(settings.cache_dir.resolve()).scrub_lock,
-        rate=settings.scrub_rate,
-        on_bytes=metrics.scrub_bytes.inc,
-        on_corrupt=lambda kind: metrics.corrupt_objects.labels(kind).inc(),
-        on_pass=metrics.scrub_passes.inc,
-    )
-    thread = threading.Thread(target=scrubber.run, args=(stop,), name="scrub", daemon=True)
-    thread.start()
-    return thread
 
-
-def _scrub_s3(
-    settings: Settings,
-    location: S3Location,
-    distinct: list[Layout],
-    metrics: Metrics,
-    stop: threading.Event,
-) -> threading.Thread:
-    """The stores' objects on S3, by one node of those sharing ``redis_url``."""
-    from pullthrough.cache.s3_admin import S3Admin  # the s3 extra
-    from pullthrough.cache.s3_scrub import S3Scrubber
+    def on_corrupt(kind: str) -> None:
+        metrics.corrupt_objects.labels(kind).inc()
 
     root = settings.cache_dir.resolve()
-    scrubber = S3Scrubber(
-        [S3Admin(store_location(location, root, layout.root)) for layout in distinct],
-        redis_url=settings.redis_url,
-        lock_file=Layout(root).scrub_lock,
-        rate=settings.scrub_rate,
-        on_bytes=metrics.scrub_bytes.inc,
-        on_corrupt=lambda kind: metrics.corrupt_objects.labels(kind).inc(),
-        on_pass=metrics.scrub_passes.inc,
-    )
+    # One lock for the whole cache: one scrubbing process per server (and with
+    # redis_url on S3, one node of those sharing it).
+    lock = Layout(root).scrub_lock
+    location = settings.s3_location()
+    scrubber: Scrubber | S3Scrubber
+    if location is None:
+        scrubber = Scrubber(
+            distinct,
+            lock,
+            rate=settings.scrub_rate,
+            on_bytes=metrics.scrub_bytes.inc,
+            on_corrupt=on_corrupt,
+            on_pass=metrics.scrub_passes.inc,
+        )
+    else:
+        from pullthrough.cache.s3_admin import S3Admin  # the s3 extra
+        from pullthrough.cache.s3_scrub import S3Scrubber
+
+        scrubber = S3Scrubber(
+            [S3Admin(store_location(location, root, layout.root)) for layout in distinct],
+            redis_url=settings.redis_url,
+            lock_file=lock,
+            rate=settings.scrub_rate,
+            on_bytes=metrics.scrub_bytes.inc,
+            on_corrupt=on_corrupt,
+            on_pass=metrics.scrub_passes.inc,
+        )
     thread = threading.Thread(target=scrubber.run, args=(stop,), name="scrub", daemon=True)
     thread.start()
     return thread

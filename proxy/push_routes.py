@@ -6,7 +6,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from urllib.parse import quote
 
 from aiohttp import web
@@ -281,16 +282,23 @@ def _chunk_start(request: web.Request) -> int | None:
     return start
 
 
+async def _delete(
+    request: web.Request, hosted: Hosted, remove: Callable[[], Awaitable[None]]
+) -> web.Response:
+    """A DELETE of a blob, manifest or tag: only with delete_enabled."""
+    if not hosted.delete_enabled:
+        raise PushUnsupported("deletes are disabled (delete_enabled)")
+    await remove()
+    request.app[METRICS].pushes.labels("delete", "ok").inc()
+    return web.Response(status=202, headers=API_VERSION)
+
+
 async def _blob(
     request: web.Request, hosted: Hosted, repository: str, digest: Digest
 ) -> web.StreamResponse:
     method = request.method
     if method == "DELETE":
-        if not hosted.delete_enabled:
-            raise PushUnsupported("deletes are disabled (delete_enabled)")
-        await hosted.delete_blob(repository, digest)
-        request.app[METRICS].pushes.labels("delete", "ok").inc()
-        return web.Response(status=202, headers=API_VERSION)
+        return await _delete(request, hosted, partial(hosted.delete_blob, repository, digest))
     if method not in ("GET", "HEAD"):
         raise PushUnsupported(f"{method} of a blob")
     size = await hosted.blob_size(repository, digest)
@@ -324,11 +332,9 @@ async def _manifest(
         return web.Response(status=201, headers=headers)
     reference = manifest_reference(raw)
     if method == "DELETE":
-        if not hosted.delete_enabled:
-            raise PushUnsupported("deletes are disabled (delete_enabled)")
-        await hosted.delete_manifest(repository, reference)
-        request.app[METRICS].pushes.labels("delete", "ok").inc()
-        return web.Response(status=202, headers=API_VERSION)
+        return await _delete(
+            request, hosted, partial(hosted.delete_manifest, repository, reference)
+        )
     if method not in ("GET", "HEAD"):
         raise PushUnsupported(f"{method} of a manifest")
     found = await hosted.manifest(repository, reference)

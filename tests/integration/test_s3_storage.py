@@ -27,13 +27,14 @@ from pullthrough.cache.s3_location import S3Location
 from pullthrough.cache.storage import DownloadSink
 from pullthrough.proxy.app import create_app
 from pullthrough.proxy.keys import MIRRORS
+from tests.integration.test_redirect_s3 import assert_identical, pull
 from tests.support.faults import FaultRegistry, digest_of
-from tests.support.images import Image, make_image, push_images
+from tests.support.images import make_image, push_images
 from tests.support.mirror import MirrorProcess, blob_files, settings_for
 from tests.support.processes import ExitedEarly, free_port
 from tests.support.registry import AccessLogEntry, Registry
 from tests.support.seaweed import SeaweedS3
-from tests.support.skopeo import Skopeo, dir_blob_digests, dir_manifest
+from tests.support.skopeo import Skopeo
 from tests.support.trackers import read_all
 
 # One layer over a multipart part, so the upload goes up in parts.
@@ -72,20 +73,6 @@ def pushed(upstream: Registry) -> Registry:
 
 def blob_gets(entries: list[AccessLogEntry]) -> list[AccessLogEntry]:
     return [e for e in entries if e.method == "GET" and "/blobs/" in e.path and e.status == 200]
-
-
-def pull(skopeo: Skopeo, mirror: MirrorProcess, image: Image, dest: Path) -> None:
-    name = image.name.removeprefix("library/")
-    skopeo.copy(f"docker://{mirror.url.removeprefix('http://')}/{name}:{image.tag}", f"dir:{dest}")
-
-
-def assert_identical(image: Image, dest: Path) -> None:
-    assert dir_manifest(dest) == image.top.data
-    expected = {b.digest for b in image.blobs}
-    assert dir_blob_digests(dest) == expected
-    for digest in expected:
-        data = (dest / digest.removeprefix("sha256:")).read_bytes()
-        assert "sha256:" + hashlib.sha256(data).hexdigest() == digest
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
